@@ -1,0 +1,31 @@
+// pixfound._C: the compiled core. Thin bindings; argument checks live beside each op.
+#include <pybind11/pybind11.h>
+
+#include "mask_iou.hpp"
+#include "peaks.hpp"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pixfound compiled core: bit-packed mask IoU and peak finding";
+
+  m.def(
+      "pack_masks",
+      [](const py::array& masks) {
+        auto packed = pixfound::pack_masks(masks);
+        return py::make_tuple(packed.words, packed.areas, packed.height, packed.width);
+      },
+      py::arg("masks"), "Pack bool/uint8 masks [N,H,W] into (words uint64 [N,ceil(H*W/64)], areas int64 [N], H, W).");
+  m.def("packed_iou", &pixfound::packed_iou, py::arg("a_words"), py::arg("a_areas"), py::arg("b_words"),
+        py::arg("b_areas"), py::arg("empty") = 1.0, "IoU float32 [N,M] between two packed mask sets.");
+  m.def("topk_peaks", &pixfound::topk_peaks, py::arg("maps"), py::arg("k") = 1,
+        "Top-k (x, y) per map of float maps [G,H,W] -> int64 [G,k,2]; ties to the lowest flat index.");
+  m.def("local_peaks", &pixfound::local_peaks, py::arg("map"), py::arg("min_distance"), py::arg("threshold"),
+        py::arg("border_width"), py::arg("num_peaks"),
+        "Local maxima (x, y) of a float map [H,W], strongest first, as skimage.feature.peak_local_max.");
+#ifdef _OPENMP
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
+}

@@ -1,0 +1,57 @@
+// Shared argument checks for the pybind11 entry points: every bad input becomes a Python
+// ValueError that names the argument and its shape, never a crash.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <sstream>
+#include <string>
+
+namespace pixfound {
+
+namespace py = pybind11;
+
+inline std::string shape_str(const py::array& a) {
+  std::ostringstream s;
+  s << "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s << (i ? ", " : "") << a.shape(i);
+  s << (a.ndim() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+[[noreturn]] inline void fail(const std::string& msg) { throw py::value_error(msg); }
+
+inline void require_ndim(const py::array& a, const char* name, py::ssize_t ndim, const char* layout) {
+  if (a.ndim() != ndim) {
+    std::ostringstream s;
+    s << name << " must be a " << ndim << "-d array " << layout << ", got shape " << shape_str(a);
+    fail(s.str());
+  }
+}
+
+inline void require_c_contiguous(const py::array& a, const char* name) {
+  if (!(a.flags() & py::array::c_style)) {
+    fail(std::string(name) + " must be C-contiguous (shape " + shape_str(a) +
+         "); pass np.ascontiguousarray(...) or tensor.contiguous()");
+  }
+}
+
+inline void require_non_empty(const py::array& a, const char* name) {
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+    if (a.shape(i) == 0) fail(std::string(name) + " must not be empty, got shape " + shape_str(a));
+  }
+}
+
+// Masks: bool or uint8, nonzero means "inside".
+inline void require_mask_dtype(const py::array& a, const char* name) {
+  const auto dt = a.dtype();
+  const char kind = dt.kind();
+  if (dt.itemsize() != 1 || (kind != 'b' && kind != 'u')) {
+    fail(std::string(name) + " must be bool or uint8, got dtype " + std::string(py::str(dt)) + " with shape " +
+         shape_str(a));
+  }
+}
+
+}  // namespace pixfound
