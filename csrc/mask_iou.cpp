@@ -5,6 +5,9 @@
 
 #include "common.hpp"
 
+#include <algorithm>
+#include <cstring>
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -12,6 +15,29 @@
 namespace pixfound {
 
 static inline std::uint64_t popcount64(std::uint64_t x) { return static_cast<std::uint64_t>(__builtin_popcountll(x)); }
+
+// Eight mask bytes → eight bits (byte j → bit j), SWAR: packing reads every byte once and is
+// what bounds mask_iou on fresh masks, so it must run near memory speed.
+static inline std::uint64_t pack8(const std::uint8_t* bytes) {
+  std::uint64_t x;
+  std::memcpy(&x, bytes, 8);
+  const std::uint64_t low7 = 0x7F7F7F7F7F7F7F7FULL;
+  std::uint64_t nonzero = (((x & low7) + low7) | x) & 0x8080808080808080ULL;  // high bit of each nonzero byte
+  nonzero >>= 7;                                                                // 0x01 per nonzero byte
+  return (nonzero * 0x0102040810204080ULL) >> 56;
+}
+
+static inline std::uint64_t pack_word(const std::uint8_t* m, py::ssize_t len) {
+  std::uint64_t word = 0;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  if (len == 64) {
+    for (int c = 0; c < 8; ++c) word |= pack8(m + 8 * c) << (8 * c);
+    return word;
+  }
+#endif
+  for (py::ssize_t b = 0; b < len; ++b) word |= static_cast<std::uint64_t>(m[b] != 0) << b;
+  return word;
+}
 
 PackedMasks pack_masks(const py::array& masks) {
   require_ndim(masks, "masks", 3, "[N, H, W]");
@@ -36,9 +62,7 @@ PackedMasks pack_masks(const py::array& masks) {
       std::int64_t count = 0;
       for (py::ssize_t wi = 0; wi < words; ++wi) {
         const py::ssize_t base = wi * 64;
-        const py::ssize_t len = std::min<py::ssize_t>(64, pixels - base);
-        std::uint64_t word = 0;
-        for (py::ssize_t b = 0; b < len; ++b) word |= static_cast<std::uint64_t>(m[base + b] != 0) << b;
+        const std::uint64_t word = pack_word(m + base, std::min<py::ssize_t>(64, pixels - base));
         out[wi] = word;
         count += static_cast<std::int64_t>(popcount64(word));
       }
