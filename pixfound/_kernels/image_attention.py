@@ -1,0 +1,436 @@
+"""Softmax attention of selected query rows to the image keys, mean over heads.
+
+The attention probe calls :func:`image_attention` inside every attention layer while an
+MLLM generates. For each sample ``b`` and query row ``r`` it returns
+
+    mean over query heads h of  softmax(q[b, h, r] . k[b, h_kv(h)] * scale)[image span of b]
+
+where the softmax runs over the valid keys ``[key_start[b], key_end[b, r])`` of the full row
+(left padding before ``key_start``, causality after ``key_end``), and only the image keys
+``[image_start[b], image_start[b] + image_len[b])`` are kept. The probability mass keeps the
+denominator of the whole row; it is *not* renormalised over the image keys.
+
+Two implementations of the same math sit in this module:
+
+* ``_image_attention_kernel`` (Triton): one program per (kv head, sample, query row). It holds the
+  rows of every query head that shares the kv head, runs over the valid keys in ``BLOCK_N`` tiles
+  with an online max and sum (the exact softmax denominator, fp32 accumulation), then revisits only
+  the image keys to write ``exp(s - max) / sum`` summed over its heads into an fp32 partial buffer
+  ``[B, Hkv, R, N]``. The wrapper sums that over the kv heads and divides by ``Hq``. Nothing of
+  size heads x keys is kept.
+* :func:`image_attention_reference` (plain torch): upcast, full masked softmax, gather, head mean.
+  Tests and benchmarks compare the kernel against it, and ``backend="torch"`` runs it.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from pixfound._kernels._backend import interpreting, resolve_backend, triton_available
+
+__all__ = ["image_attention", "image_attention_reference"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_LOG2E = 1.4426950408889634
+
+# Keys per tile. 64 keeps a bf16 [64, 128] key tile and a [16, 64] score tile in registers.
+_BLOCK_N = 64
+# tl.dot on NVIDIA GPUs needs at least 16 rows and 16 reduction columns.
+_MIN_DOT = 16
+# Whether the kernel below was decorated under TRITON_INTERPRET=1 (Triton decides at decoration).
+_DECORATED_FOR_INTERPRETER = False
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks, shared by the kernel wrapper and the reference
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Inputs:
+    image_start: torch.Tensor  # int64 [B] on q.device
+    image_len: torch.Tensor  # int64 [B]
+    key_start: torch.Tensor  # int64 [B]
+    key_end: torch.Tensor  # int64 [B, R]
+    num_image_keys: int  # N, the width of the output
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _check_index(name: str, value: object, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be an integer torch.Tensor of shape {shape}, got {type(value).__name__}")
+    if value.dtype == torch.bool or value.dtype.is_floating_point or value.dtype.is_complex:
+        raise ValueError(f"{name} must have an integer dtype (int64), got {value.dtype}")
+    if _shape(value) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {_shape(value)}")
+    if value.device.type != "cpu" and value.device != device:
+        raise ValueError(f"{name} is on {value.device} but q and k are on {device}; use the same device or the CPU")
+    return value.to(device=device, dtype=torch.int64, non_blocking=True)
+
+
+def _check_inputs(
+    q: object,
+    k: object,
+    image_start: object,
+    image_len: object,
+    key_start: object,
+    key_end: object,
+    scale: object,
+    validate: bool,
+    num_image_keys: int | None,
+) -> _Inputs:
+    """Shape, dtype and device checks on the host; value checks with one device->host copy."""
+    for name, tensor in (("q", q), ("k", k)):
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
+    if q.dim() != 4:
+        raise ValueError(f"q must have shape [B, Hq, R, D] (4 dims), got shape {_shape(q)}")
+    if k.dim() != 4:
+        raise ValueError(f"k must have shape [B, Hkv, L, D] (4 dims), got shape {_shape(k)}")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
+    if k.dtype != q.dtype:
+        raise ValueError(f"k must have the dtype of q ({q.dtype}), got {k.dtype}")
+    if k.device != q.device:
+        raise ValueError(f"q and k must be on the same device, got q on {q.device} and k on {k.device}")
+    batch, heads_q, rows, head_dim = q.shape
+    if k.shape[0] != batch:
+        raise ValueError(f"k has batch size {k.shape[0]} but q has {batch} (q {_shape(q)}, k {_shape(k)})")
+    if k.shape[3] != head_dim:
+        raise ValueError(f"k has head dim {k.shape[3]} but q has {head_dim} (q {_shape(q)}, k {_shape(k)})")
+    heads_kv, num_keys = k.shape[1], k.shape[2]
+    if heads_q == 0 or heads_kv == 0 or head_dim == 0:
+        raise ValueError(f"q and k need at least one head and head dim >= 1, got q {_shape(q)}, k {_shape(k)}")
+    if heads_q % heads_kv != 0:
+        raise ValueError(
+            f"the query heads ({heads_q}) must be a multiple of the kv heads ({heads_kv}) for grouped-query "
+            f"attention (q {_shape(q)}, k {_shape(k)})"
+        )
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be a finite real number, got {scale!r}")
+
+    image_start_t = _check_index("image_start", image_start, (batch,), q.device)
+    image_len_t = _check_index("image_len", image_len, (batch,), q.device)
+    key_start_t = _check_index("key_start", key_start, (batch,), q.device)
+    key_end_t = _check_index("key_end", key_end, (batch, rows), q.device)
+
+    if num_image_keys is not None:
+        if isinstance(num_image_keys, bool) or not isinstance(num_image_keys, numbers.Integral) or num_image_keys < 0:
+            raise ValueError(f"num_image_keys must be a non-negative int or None, got {num_image_keys!r}")
+        num_image_keys = int(num_image_keys)
+
+    if validate:
+        # One copy to the host for every value check (and for N when it is not given).
+        host = torch.cat([image_start_t, image_len_t, key_start_t, key_end_t.reshape(-1)]).cpu()
+        starts, lengths, firsts = host[:batch], host[batch : 2 * batch], host[2 * batch : 3 * batch]
+        ends = host[3 * batch :].reshape(batch, rows)
+        _check_values(starts, lengths, firsts, ends, num_keys, num_image_keys)
+        if num_image_keys is None:
+            num_image_keys = int(lengths.max()) if batch else 0
+    elif num_image_keys is None:
+        num_image_keys = int(image_len_t.max()) if batch else 0  # the one sync of an unvalidated call
+        if num_image_keys < 0:
+            raise ValueError(f"image_len must be >= 0, got max(image_len) = {num_image_keys}")
+    return _Inputs(image_start_t, image_len_t, key_start_t, key_end_t, num_image_keys)
+
+
+def _check_values(
+    starts: torch.Tensor,
+    lengths: torch.Tensor,
+    firsts: torch.Tensor,
+    ends: torch.Tensor,
+    num_keys: int,
+    num_image_keys: int | None,
+) -> None:
+    def first_bad(bad: torch.Tensor) -> int:
+        return int(bad.nonzero()[0, 0])
+
+    if (bad := lengths < 0).any():
+        b = first_bad(bad)
+        raise ValueError(f"image_len must be >= 0, got image_len[{b}] = {int(lengths[b])}")
+    if (bad := starts < 0).any():
+        b = first_bad(bad)
+        raise ValueError(f"image_start must be >= 0, got image_start[{b}] = {int(starts[b])}")
+    if (bad := starts + lengths > num_keys).any():
+        b = first_bad(bad)
+        raise ValueError(
+            f"the image span of sample {b} ends beyond the keys: image_start[{b}] + image_len[{b}] = "
+            f"{int(starts[b])} + {int(lengths[b])} > L = {num_keys} (k has {num_keys} keys)"
+        )
+    if (bad := (firsts < 0) | (firsts > num_keys)).any():
+        b = first_bad(bad)
+        raise ValueError(f"key_start must lie in [0, L = {num_keys}], got key_start[{b}] = {int(firsts[b])}")
+    if (bad := ends < firsts[:, None]).any():
+        b = first_bad(bad.any(dim=1))
+        raise ValueError(
+            f"key_end must be >= key_start, got key_end[{b}] = {ends[b].tolist()} < key_start[{b}] = {int(firsts[b])}"
+        )
+    if (bad := ends > num_keys).any():
+        b = first_bad(bad.any(dim=1))
+        raise ValueError(f"key_end must be <= L = {num_keys} (the keys in k), got key_end[{b}] = {ends[b].tolist()}")
+    if num_image_keys is not None and lengths.numel() and int(lengths.max()) > num_image_keys:
+        b = int(lengths.argmax())
+        raise ValueError(
+            f"num_image_keys = {num_image_keys} is smaller than image_len[{b}] = {int(lengths[b])}; "
+            "pass at least max(image_len) or None"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Torch reference
+# ----------------------------------------------------------------------------------------------
+def image_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    image_start: torch.Tensor,
+    image_len: torch.Tensor,
+    key_start: torch.Tensor,
+    key_end: torch.Tensor,
+    scale: float,
+    validate: bool = True,
+    num_image_keys: int | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Plain-torch :func:`image_attention`: masked full-row softmax, image slice, head mean.
+
+    Same arguments and result as :func:`image_attention`. ``compute_dtype`` is the precision the
+    scores, softmax and head mean are computed in (float32 by default; tests also use float64 as
+    the exact answer and the input dtype as a same-precision baseline). It keeps the
+    ``[B, Hq, R, L]`` probabilities, so it is meant for tests, benchmarks and CPU fallback.
+    The result is float32, or float64 when ``compute_dtype`` is float64.
+    """
+    checked = _check_inputs(q, k, image_start, image_len, key_start, key_end, scale, validate, num_image_keys)
+    batch, heads_q, rows, _ = q.shape
+    heads_kv, num_keys = k.shape[1], k.shape[2]
+    width = checked.num_image_keys
+    out_dtype = torch.promote_types(compute_dtype, torch.float32)
+    if batch == 0 or width == 0 or num_keys == 0:
+        return torch.zeros(batch, rows, width, dtype=out_dtype, device=q.device)
+
+    keys = k.to(compute_dtype).repeat_interleave(heads_q // heads_kv, dim=1)  # query head h -> kv head h // group
+    scores = torch.matmul(q.to(compute_dtype), keys.transpose(-1, -2)) * scale  # [B, Hq, R, L]
+    positions = torch.arange(num_keys, device=q.device)
+    valid = (positions >= checked.key_start[:, None, None]) & (positions < checked.key_end[:, :, None])  # [B, R, L]
+    scores = scores.masked_fill(~valid[:, None], float("-inf"))
+    # A row without valid keys is all NaN after softmax; it contributes 0.
+    probs = torch.softmax(scores, dim=-1).masked_fill(~valid[:, None], 0.0)
+
+    offsets = torch.arange(width, device=q.device)
+    key_index = checked.image_start[:, None] + offsets  # [B, N]
+    in_span = (offsets < checked.image_len[:, None]) & (key_index >= 0) & (key_index < num_keys)
+    gathered = probs.gather(-1, key_index.clamp(0, num_keys - 1)[:, None, None, :].expand(-1, heads_q, rows, -1))
+    gathered = gathered.masked_fill(~in_span[:, None, None, :], 0.0)
+    return gathered.mean(dim=1).to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _image_attention_kernel(
+        q_ptr,
+        k_ptr,
+        image_start_ptr,
+        image_len_ptr,
+        key_start_ptr,
+        key_end_ptr,
+        partial_ptr,
+        stride_qb,
+        stride_qh,
+        stride_qr,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kl,
+        stride_kd,
+        stride_end_b,
+        stride_end_r,
+        heads_kv,
+        rows,
+        num_keys,
+        head_dim,
+        num_image_keys,
+        scale_log2,
+        GROUP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        DOT_IN_FP32: tl.constexpr,
+    ):
+        kv_head = tl.program_id(0).to(tl.int64)
+        sample = tl.program_id(1).to(tl.int64)
+        row = tl.program_id(2).to(tl.int64)
+
+        # Clamp the ranges to [0, L] so that unvalidated indices can never read out of bounds.
+        key_lo = tl.maximum(tl.load(key_start_ptr + sample), 0).to(tl.int32)
+        key_hi = tl.minimum(tl.load(key_end_ptr + sample * stride_end_b + row * stride_end_r), num_keys).to(tl.int32)
+        image_lo = tl.load(image_start_ptr + sample).to(tl.int32)
+        image_n = tl.minimum(tl.load(image_len_ptr + sample), num_image_keys).to(tl.int32)
+
+        # Query rows of the GROUP heads that share this kv head (padded to BLOCK_M rows).
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)
+        head_ok = offs_m < GROUP
+        d_ok = offs_d < head_dim
+        q_rows = q_ptr + sample * stride_qb + row * stride_qr + (kv_head * GROUP + offs_m)[:, None] * stride_qh
+        q_tile = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=head_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_IN_FP32:
+            q_tile = q_tile.to(tl.float32)
+        k_base = k_ptr + sample * stride_kb + kv_head * stride_kh + offs_d[:, None] * stride_kd  # [BLOCK_D, 1]
+
+        # Pass 1: running max and sum of exp over the valid keys, in log2 units.
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        for start in range(key_lo, key_hi, BLOCK_N):
+            keys = start + offs_n
+            key_ok = keys < key_hi
+            k_tile = tl.load(k_base + keys[None, :] * stride_kl, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
+            if DOT_IN_FP32:
+                s = tl.dot(q_tile, k_tile.to(tl.float32), input_precision="ieee")
+            else:
+                s = tl.dot(q_tile, k_tile)
+            s = tl.where(key_ok[None, :], s * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no (-inf) - (-inf)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+            m_i = m_new
+        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+        has_keys = l_i > 0.0
+        inv_l = tl.where(has_keys, 1.0 / tl.where(has_keys, l_i, 1.0), 0.0)  # no valid key: 0, not NaN
+        inv_l = tl.where(head_ok, inv_l, 0.0)  # padded rows add nothing
+
+        # Pass 2: probabilities of the image keys only, summed over this group's heads.
+        out_row = partial_ptr + ((sample * heads_kv + kv_head) * rows + row) * num_image_keys
+        for start in range(0, image_n, BLOCK_N):
+            offs = start + offs_n
+            keys = image_lo + offs
+            in_image = offs < image_n
+            key_ok = in_image & (keys >= key_lo) & (keys < key_hi)
+            k_tile = tl.load(k_base + keys[None, :] * stride_kl, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
+            if DOT_IN_FP32:
+                s = tl.dot(q_tile, k_tile.to(tl.float32), input_precision="ieee")
+            else:
+                s = tl.dot(q_tile, k_tile)
+            s = tl.where(key_ok[None, :], s * scale_log2, float("-inf"))
+            p = tl.exp2(s - m_safe[:, None]) * inv_l[:, None]
+            tl.store(out_row + offs, tl.sum(p, axis=0), mask=in_image)
+
+    _DECORATED_FOR_INTERPRETER = interpreting()
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _image_attention_triton(q: torch.Tensor, k: torch.Tensor, checked: _Inputs, scale: float) -> torch.Tensor:
+    batch, heads_q, rows, head_dim = q.shape
+    heads_kv, num_keys = k.shape[1], k.shape[2]
+    width = checked.num_image_keys
+    if q.device.type == "cpu" and not _DECORATED_FOR_INTERPRETER:
+        raise RuntimeError(
+            "the image_attention kernel was compiled for the GPU: set TRITON_INTERPRET=1 before importing "
+            "pixfound to run it on CPU tensors, or use backend='torch'"
+        )
+    if batch == 0 or width == 0:
+        return torch.zeros(batch, rows, width, dtype=torch.float32, device=q.device)
+    group = heads_q // heads_kv
+    partial = torch.zeros(batch, heads_kv, rows, width, dtype=torch.float32, device=q.device)
+    # fp32 inputs use IEEE fp32 (no TF32). The interpreter's dot multiplies bfloat16 as raw integers,
+    # so there bf16 gets fp32 operands; products of fp16/bf16 are exact in fp32, so nothing changes.
+    dot_in_fp32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type == "cpu")
+    _image_attention_kernel[(heads_kv, batch, rows)](
+        q,
+        k,
+        checked.image_start,
+        checked.image_len,
+        checked.key_start,
+        checked.key_end,
+        partial,
+        *q.stride(),
+        *k.stride(),
+        *checked.key_end.stride(),
+        heads_kv,
+        rows,
+        num_keys,
+        head_dim,
+        width,
+        float(scale) * _LOG2E,
+        GROUP=group,
+        BLOCK_M=max(_MIN_DOT, _next_power_of_2(group)),
+        BLOCK_N=_BLOCK_N,
+        BLOCK_D=max(_MIN_DOT, _next_power_of_2(head_dim)),
+        DOT_IN_FP32=dot_in_fp32,
+        num_warps=4,
+    )
+    return partial.sum(dim=1).div_(heads_q)
+
+
+def image_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    image_start: torch.Tensor,
+    image_len: torch.Tensor,
+    key_start: torch.Tensor,
+    key_end: torch.Tensor,
+    scale: float,
+    backend: str = "auto",
+    validate: bool = True,
+    num_image_keys: int | None = None,
+) -> torch.Tensor:
+    """Head-mean softmax attention of query rows to the image keys, with the full-row denominator.
+
+    Args:
+        q: ``[B, Hq, R, D]`` query rows (float32, float16 or bfloat16; any strides).
+        k: ``[B, Hkv, L, D]`` keys, same dtype and device; ``Hq % Hkv == 0`` and query head ``h``
+            reads kv head ``h // (Hq // Hkv)`` (grouped-query attention).
+        image_start: int ``[B]``, index of each sample's first image key.
+        image_len: int ``[B]``, number of image keys per sample (may differ between samples).
+        key_start: int ``[B]``, first valid key (keys before it are left padding).
+        key_end: int ``[B, R]``, exclusive end of the valid keys of each row (``position + 1``).
+        scale: softmax scale applied to ``q . k``.
+        backend: ``"auto"`` (Triton on CUDA, or on CPU under ``TRITON_INTERPRET=1``; else torch),
+            ``"triton"`` or ``"torch"`` (the reference).
+        validate: check the index values (spans inside ``[0, L]``, ``key_end >= key_start``, lengths
+            >= 0). This copies the four index tensors to the host once, which synchronises a GPU;
+            the attention probe's hot path passes ``validate=False`` with ``num_image_keys``, and
+            then the call never synchronises (the kernel still clamps every read into ``[0, L)``).
+        num_image_keys: width ``N`` of the result. ``None`` means ``max(image_len)``, which needs
+            the host copy above (or one sync when ``validate=False``).
+
+    The index tensors may live on the CPU or on the device of ``q``.
+
+    Returns:
+        float32 ``[B, R, N]``: entry ``[b, r, j]`` is the mean over the ``Hq`` heads of the softmax
+        over keys ``[key_start[b], key_end[b, r])`` at key ``image_start[b] + j``. It is 0 for
+        ``j >= image_len[b]`` and for image keys outside the valid range; it is not renormalised
+        over the image keys, so each row sums to at most 1.
+
+    Raises:
+        ValueError: on a bad shape, dtype, device, scale or index value, naming the argument.
+    """
+    checked = _check_inputs(q, k, image_start, image_len, key_start, key_end, scale, validate, num_image_keys)
+    if resolve_backend(backend, q, k) == "torch":
+        return image_attention_reference(
+            q,
+            k,
+            image_start=checked.image_start,
+            image_len=checked.image_len,
+            key_start=checked.key_start,
+            key_end=checked.key_end,
+            scale=scale,
+            validate=False,
+            num_image_keys=checked.num_image_keys,
+        )
+    return _image_attention_triton(q, k, checked, float(scale))
