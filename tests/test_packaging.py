@@ -1,0 +1,41 @@
+"""The README's commands are what CI runs, and the installed package carries its data."""
+from __future__ import annotations
+
+import pathlib
+import shutil
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_exactly_the_readme_commands():
+    readme = (ROOT / "README.md").read_text()
+    commands = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")
+                and not line.startswith(("set ", "cd "))]
+    assert len(commands) == 2
+    for command in commands:
+        assert command in readme, f".ci/run runs a command the README does not give: {command}"
+
+
+def test_compiled_core_and_console_script_are_installed():
+    from pixfound import _C
+
+    assert callable(_C.pack_masks) and isinstance(_C.openmp, bool)
+    assert shutil.which("pixfound") is not None, "the pixfound console script is not on PATH"
+
+
+def test_prompt_templates_ship_as_package_data():
+    from importlib import resources
+
+    templates = resources.files("pixfound.eval") / "templates"
+    names = {entry.name for entry in templates.iterdir()}
+    assert {"vqa_templates.json", "grounding_templates.json"} <= names
+
+
+@pytest.mark.parametrize("module", ["pixfound.ops", "pixfound._kernels.image_attention"])
+def test_modules_import_without_a_gpu(module):
+    import importlib
+
+    assert importlib.import_module(module) is not None
