@@ -1,14 +1,7 @@
 import os
 
-# As in tests/: kernels run in Triton's interpreter when there is no GPU. It must be set before
-# any pixfound kernel module is imported.
-try:
-    import torch
+from pixfound._kernels._backend import default_to_interpreter_without_cuda
 
-    _has_cuda = torch.cuda.is_available()
-except Exception:  # pragma: no cover
-    _has_cuda = False
-if not _has_cuda:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+default_to_interpreter_without_cuda()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

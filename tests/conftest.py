@@ -1,16 +1,9 @@
 import os
 import pathlib
 
-# Triton reads TRITON_INTERPRET when a kernel is decorated, so it must be set before
-# any pixfound kernel module is imported. Without a GPU, kernels run in the interpreter.
-try:
-    import torch
+from pixfound._kernels._backend import default_to_interpreter_without_cuda  # noqa: E402
 
-    _has_cuda = torch.cuda.is_available()
-except Exception:  # pragma: no cover
-    _has_cuda = False
-if not _has_cuda:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+default_to_interpreter_without_cuda()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -50,3 +50,12 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
             "with TRITON_INTERPRET=1 set before pixfound is imported, and an importable triton"
         )
     return backend
+
+
+def default_to_interpreter_without_cuda() -> None:
+    """For test and benchmark sessions: run kernels in Triton's interpreter when there is no GPU.
+
+    Call it before any kernel module is imported; Triton reads the variable at decoration time.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
