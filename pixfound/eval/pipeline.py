@@ -1,0 +1,557 @@
+"""The per-batch pipeline: generate → phrases → points → SAM → candidates → selections → records.
+
+:class:`GroundingPipeline` turns a batch of samples and one protocol into one JSON-ready record
+per sample (the lines of ``samples.jsonl``):
+
+- protocols 1 and 2 score the answer: protocol 2 with the published rule-based letter parser;
+  protocol 1 with the judge when one is given (the published yes/no grading question), otherwise
+  with the same parser, and ``correct_method`` says which;
+- protocols 1 and 3 ground the answer: the attention maps of the generated tokens are grouped
+  into noun phrases, each phrase map's peak prompts SAM (3 candidates per phrase), and every
+  selection strategy picks one mask (stored as COCO RLE with its IoU and success flag).
+
+Each record carries per-stage wall times in seconds under ``timings``: ``io_s`` (image loading,
+mask encoding), ``generate_s`` (the sample's share of its batch's ``generate`` call, capture
+included), ``capture_s`` (the capture's own share when the adapter reports it), ``phrases_s``,
+``upsample_peak_s``, ``sam_encoder_s`` (0 when the embedding was computed for another protocol of
+the same batch), ``sam_decoder_s``, ``selection_s`` and ``judge_answer_s``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import pathlib
+import time
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from pixfound.eval import metrics
+from pixfound.eval.prompts import JUDGE_SYSTEM_PROMPT, build_prompt, judge_prompt_for_sample
+from pixfound.eval.runner import EvalConfig, record_key
+
+__all__ = [
+    "GroundingPipeline",
+    "GroundingResult",
+    "build_pipeline",
+    "ground_demo",
+    "load_eval_model",
+    "load_segmenter",
+    "torch_dtype",
+    "worker_device",
+    "zero_flat_maps",
+]
+
+logger = logging.getLogger("pixfound.eval")
+
+
+def torch_dtype(name: str) -> Any:
+    """``"float32"`` → ``torch.float32`` (also float16, bfloat16)."""
+    import torch
+
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in table:
+        raise ValueError(f"dtype must be one of {sorted(table)}, got {name!r}")
+    return table[name]
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_model(name: str, device: str, dtype: str) -> Any:
+    from pixfound.models import load_model
+
+    return load_model(name, device=device, dtype=torch_dtype(dtype))
+
+
+def load_eval_model(name: str, device: str, dtype: str) -> Any:
+    """The model adapter (loaded once per process for a given name, device and dtype)."""
+    return _cached_model(name, device, dtype)
+
+
+def load_segmenter(config: EvalConfig) -> Any:
+    """The SAM segmenter of ``config``: the tiny random SAM, or an official checkpoint."""
+    from pixfound.grounding.sam import load_sam, tiny_sam
+
+    if config.sam_model == "tiny":
+        if config.sam_checkpoint is not None:
+            raise ValueError("--sam-checkpoint was given with --sam-model tiny; name the checkpoint's model "
+                             "type (vit_h, vit_l or vit_b)")
+        return tiny_sam(config.sam_seed, device=config.device, encoder_batch_size=config.sam_batch_size)
+    return load_sam(config.sam_model, config.sam_checkpoint, device=config.device,
+                    encoder_batch_size=config.sam_batch_size)
+
+
+class _CachedImageSample:
+    """What ``adapter.generate`` needs of a sample (``id``, ``load_image``), with the image loaded once."""
+
+    def __init__(self, sample_id: str, image: Any):
+        self.id = sample_id
+        self._image = image
+
+    def load_image(self) -> Any:
+        return self._image
+
+
+@dataclasses.dataclass
+class GroundingResult:
+    """Everything grounding produced for one answer (before it becomes a record)."""
+
+    phrases: list            # pixfound.grounding.phrases.Phrase
+    points: Any              # int64 tensor [G, P, 2] (x, y)
+    masks: Any               # bool tensor [G, 3, H, W]
+    scores: Any              # float32 tensor [G, 3]
+    candidates: list         # pixfound.grounding.select.Candidate, sorted
+    selections: dict         # strategy -> Selection
+
+
+class GroundingPipeline:
+    """Model + SAM + spaCy (+ phrase vectors, + judge) applied to batches of samples.
+
+    ``process(samples, protocol)`` returns one record per sample; ``end_batch()`` forgets the
+    images and SAM embeddings kept for the batch (protocols 1 and 3 of a sample share them).
+    """
+
+    def __init__(self, adapter: Any, segmenter: Any, nlp: Any, *, config: EvalConfig,
+                 vectors: Any = None, judge: Any = None):
+        self.adapter = adapter
+        self.segmenter = segmenter
+        self.nlp = nlp
+        self.config = config
+        self.vectors = vectors
+        self.judge = judge
+        if "similarity" in config.selects and vectors is None:
+            raise ValueError("selection 'similarity' needs phrase vectors (see --phrase-vectors)")
+        if "judge" in config.selects and judge is None:
+            raise ValueError("selection 'judge' needs a judge (--judge openai:MODEL or hf:MODEL)")
+        self._images: dict[str, Any] = {}
+        self._embeddings: dict[str, Any] = {}
+
+    # -- description ----------------------------------------------------------------------------
+    def components(self) -> dict:
+        """What produced the results (recorded in run.json and summary.md)."""
+        from pixfound.grounding.phrases import spacy_pipeline_info
+
+        model = self.adapter
+        return {
+            "model": {
+                "name": getattr(model, "name", self.config.model),
+                "family": getattr(model, "family", None),
+                "class": type(getattr(model, "model", model)).__name__,
+                # the device type only: torchrun ranks use different GPUs for the same run
+                "device": str(getattr(model, "device", self.config.device)).split(":")[0],
+                "dtype": str(getattr(model, "dtype", self.config.dtype)).replace("torch.", ""),
+            },
+            "sam": self.segmenter.describe() if hasattr(self.segmenter, "describe") else {"model_type": self.config.sam_model},
+            "spacy": spacy_pipeline_info(self.nlp) if self.nlp is not None else None,
+            "phrase_vectors": getattr(self.vectors, "name", None),
+            "judge": getattr(self.judge, "name", None),
+            "capture": self.config.capture,
+            "random_weights": self.config.uses_random_weights,
+        }
+
+    # -- batches --------------------------------------------------------------------------------
+    def end_batch(self) -> None:
+        self._images.clear()
+        self._embeddings.clear()
+
+    def _image(self, sample: Any) -> tuple[Any, float]:
+        if sample.id in self._images:
+            return self._images[sample.id], 0.0
+        started = time.perf_counter()
+        image = sample.load_image()
+        self._images[sample.id] = image
+        return image, time.perf_counter() - started
+
+    def _embed(self, samples: Sequence[Any]) -> float:
+        """SAM image embeddings of the samples that lack one (one encoder call); returns seconds per new image."""
+        missing = [s for s in samples if s.id not in self._embeddings]
+        if not missing:
+            return 0.0
+        started = time.perf_counter()
+        embeddings = self.segmenter.embed_images([self._images[s.id] for s in missing])
+        for sample, embedding in zip(missing, embeddings):
+            self._embeddings[sample.id] = embedding
+        return (time.perf_counter() - started) / len(missing)
+
+    def prompts(self, samples: Sequence[Any], protocol: int) -> list[str]:
+        return [build_prompt(s, protocol, vqa_template=self.config.vqa_template,
+                             grounding_template=self.config.grounding_template) for s in samples]
+
+    def generate(self, items: Sequence[Any], prompts: Sequence[str], *, capture: Optional[str]) -> tuple[list, float]:
+        """Generations for (sample-like, prompt) pairs in one batch; returns them and seconds per sample."""
+        config = self.config
+        started = time.perf_counter()
+        generations = self.adapter.generate(
+            list(items), list(prompts), max_new_tokens=config.max_new_tokens, capture=capture,
+            batch_size=len(items), first_token_row=config.first_token_row, do_sample=config.do_sample,
+            temperature=config.temperature, seed=config.seed if config.do_sample else None,
+            backend=config.kernel_backend,
+        )
+        return generations, (time.perf_counter() - started) / max(1, len(items))
+
+    def process(self, samples: Sequence[Any], protocol: int) -> list[dict]:
+        """One record per sample for ``protocol`` (see the module docstring)."""
+        if protocol not in (1, 2, 3):
+            raise ValueError(f"protocol must be 1, 2 or 3, got {protocol!r}")
+        load_times = []
+        items = []
+        for sample in samples:
+            image, seconds = self._image(sample)
+            load_times.append(seconds)
+            items.append(_CachedImageSample(str(sample.id), image))
+        prompts = self.prompts(samples, protocol)
+        grounds = protocol in (1, 3)
+        generations, generate_share = self.generate(items, prompts, capture=self.config.capture if grounds else None)
+        encoder_share = self._embed(samples) if grounds else 0.0
+        encoded_now = set()
+        records = []
+        for sample, prompt, generation, load_s in zip(samples, prompts, generations, load_times):
+            if generation.sample_id != str(sample.id):
+                raise RuntimeError(f"generation for {generation.sample_id!r} came back for sample {sample.id!r}")
+            timings: dict[str, Optional[float]] = {
+                "io_s": load_s,
+                "generate_s": generate_share,
+                "capture_s": generation.timings.get("capture_s"),
+            }
+            record = self._base_record(sample, protocol, prompt, generation)
+            if protocol in (1, 2):
+                record.update(self._score_answer(sample, protocol, generation.text, timings))
+            if grounds:
+                image = self._images[sample.id]
+                first_use = sample.id not in encoded_now
+                encoded_now.add(sample.id)
+                timings["sam_encoder_s"] = encoder_share if first_use else 0.0
+                result = self.ground(image, generation, sample_id=str(sample.id), expression=sample.expression,
+                                     gt_mask=self._gt_mask(sample, image), embedding=self._embeddings[sample.id],
+                                     timings=timings)
+                record["grounding"] = self._grounding_record(result, sample, image, timings)
+            else:
+                record["grounding"] = None
+            record["timings"] = timings
+            records.append(record)
+        return records
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def _base_record(self, sample: Any, protocol: int, prompt: str, generation: Any) -> dict:
+        config = self.config
+        height, width = (int(v) for v in (self._images[sample.id].height, self._images[sample.id].width))
+        return {
+            "key": record_key(sample.id, protocol),
+            "sample_id": str(sample.id),
+            "index": int(sample.index),
+            "benchmark": sample.benchmark,
+            "protocol": protocol,
+            "task": sample.task,
+            "pair_index": sample.pair_index,
+            "has_expression": bool(sample.has_expression),
+            "expression": sample.expression,
+            "image_hw": [height, width],
+            "prompt": prompt,
+            "answer": generation.text,
+            "token_ids": [int(t) for t in generation.token_ids],
+            "generation": {
+                "max_new_tokens": config.max_new_tokens,
+                "do_sample": config.do_sample,
+                "temperature": config.temperature if config.do_sample else None,
+                "seed": config.seed if config.do_sample else None,
+                "capture": config.capture if protocol in (1, 3) else None,
+                "first_token_row": config.first_token_row,
+                "vqa_template": config.vqa_template,
+                "grounding_template": config.grounding_template,
+            },
+        }
+
+    def _score_answer(self, sample: Any, protocol: int, reply: str, timings: dict) -> dict:
+        style = self.config.parse_style
+        letter = metrics.normalize_letter(sample.answer, sample.options)
+        parsed = metrics.parse_choice(reply, sample.options, style=style)
+        out: dict[str, Any] = {"answer_letter": letter, "parsed_choice": parsed}
+        if protocol == 1 and self.judge is not None:
+            started = time.perf_counter()
+            judge_reply = self.judge.ask([], judge_prompt_for_sample(sample, reply), system=JUDGE_SYSTEM_PROMPT)
+            timings["judge_answer_s"] = time.perf_counter() - started
+            verdict = metrics.parse_judge_verdict(judge_reply)
+            out.update(correct=verdict is True, correct_method=f"judge:{getattr(self.judge, 'name', 'judge')}",
+                       judge_reply=judge_reply, judge_verdict=verdict)
+        else:
+            out.update(correct=parsed == letter, correct_method="rule")
+        return out
+
+    @staticmethod
+    def _gt_mask(sample: Any, image: Any) -> Optional[np.ndarray]:
+        try:
+            mask = np.asarray(sample.gt_mask, dtype=bool)
+        except (ValueError, OSError) as error:
+            logger.debug("sample %s has no usable ground truth: %s", sample.id, error)
+            return None
+        if mask.shape != (image.height, image.width):
+            raise ValueError(f"sample {sample.id}: ground-truth mask is {mask.shape} but the image is "
+                             f"{(image.height, image.width)} (H, W)")
+        return mask
+
+    def ground(self, image: Any, generation: Any, *, sample_id: str, expression: Optional[str],
+               gt_mask: Optional[np.ndarray], embedding: Any = None, timings: Optional[dict] = None,
+               selects: Optional[Sequence[str]] = None) -> GroundingResult:
+        """Phrases, points, SAM candidates and selections for one generated answer on ``image``."""
+        import torch
+
+        from pixfound.grounding.phrases import phrases_from_generation
+        from pixfound.grounding.points import phrase_points
+        from pixfound.grounding.select import build_candidates, select_judge, select_oracle, select_similarity
+
+        timings = {} if timings is None else timings
+        config = self.config
+        started = time.perf_counter()
+        phrases, maps = phrases_from_generation(generation, self.adapter.tokenizer, self.nlp)
+        maps = zero_flat_maps(maps, generation.maps)
+        timings["phrases_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        points = phrase_points(maps, generation.geometry, point_rank=config.point_rank, num_points=config.num_points)
+        timings["upsample_peak_s"] = time.perf_counter() - started
+        height, width = image.height, image.width
+        started = time.perf_counter()
+        if phrases:
+            if embedding is None:
+                encode_started = time.perf_counter()
+                embedding = self.segmenter.embed_images([image])[0]
+                timings["sam_encoder_s"] = time.perf_counter() - encode_started
+                started = time.perf_counter()
+            self.segmenter.set_embedding(embedding)
+            masks, scores = self.segmenter.segment_points(points)
+        else:
+            masks = torch.zeros((0, 3, height, width), dtype=torch.bool)
+            scores = torch.zeros((0, 3), dtype=torch.float32)
+        timings["sam_decoder_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        candidates = build_candidates(phrases, points, masks, scores)
+        selections: dict[str, Any] = {}
+        for strategy in (config.selects if selects is None else selects):
+            if strategy == "oracle":
+                if gt_mask is not None:
+                    selections[strategy] = select_oracle(candidates, gt_mask)
+            elif expression is None:
+                selections[strategy] = _empty_selection(strategy, (height, width), "no_expression")
+            elif strategy == "similarity":
+                selections[strategy] = select_similarity(candidates, phrases, expression, self.vectors,
+                                                         image_size=(height, width))
+            elif strategy == "judge":
+                selections[strategy] = select_judge(candidates, image, expression, self.judge)
+            else:
+                raise ValueError(f"unknown selection strategy {strategy!r}")
+        timings["selection_s"] = time.perf_counter() - started
+        return GroundingResult(phrases, points, masks, scores, candidates, selections)
+
+    def _grounding_record(self, result: GroundingResult, sample: Any, image: Any, timings: dict) -> dict:
+        from pixfound.grounding.select import candidate_ious, mask_to_rle
+
+        gt = self._gt_mask(sample, image)
+        image_area = image.height * image.width
+        gt_area = None if gt is None else int(gt.sum())
+        started = time.perf_counter()
+        ious = candidate_ious(result.candidates, gt) if gt is not None and result.candidates else None
+        timings["selection_s"] = (timings.get("selection_s") or 0.0) + time.perf_counter() - started
+        started = time.perf_counter()  # from here on: IoUs of the selections and RLE encoding (I/O)
+        candidates = []
+        for position, candidate in enumerate(result.candidates):
+            entry = {
+                "phrase_index": candidate.phrase_index,
+                "mask_index": candidate.mask_index,
+                "points": [list(p) for p in candidate.points],
+                "sam_score": float(candidate.sam_score),
+                "area": candidate.area,
+                "iou": None if ious is None else float(ious[position]),
+            }
+            if self.config.save_candidates:
+                entry["mask_rle"] = mask_to_rle(candidate.mask)
+            candidates.append(entry)
+        selections = {}
+        for strategy, selection in result.selections.items():
+            entry = selection.to_record(include_mask=True)
+            pred_area = int(np.count_nonzero(selection.mask))
+            iou = None if gt is None else metrics.iou(selection.mask, gt)
+            entry.update(
+                iou=iou,
+                pred_area=pred_area,
+                grounded=None if gt is None else metrics.grounding_success_from_stats(iou, gt_area, pred_area, image_area),
+            )
+            selections[strategy] = _jsonable(entry)
+        timings["io_s"] = (timings.get("io_s") or 0.0) + time.perf_counter() - started
+        return {
+            "gt_area": gt_area,
+            "phrases": [_jsonable(p.to_dict()) for p in result.phrases],
+            "points": result.points.tolist(),
+            "num_candidates": len(candidates),
+            "candidates": candidates,
+            "selections": selections,
+        }
+
+
+# A phrase map whose spread is below this fraction of the token maps' magnitude is float noise.
+FLAT_MAP_TOLERANCE = 1e-6
+
+
+def zero_flat_maps(phrase_maps: Any, token_maps: Any, *, tolerance: float = FLAT_MAP_TOLERANCE) -> Any:
+    """Phrase maps with the flat ones set to exactly zero.
+
+    A phrase that covers every generated token has a map of the mean-subtracted token maps
+    averaged over all tokens: zero up to rounding. Its argmax is then decided by float noise of
+    order 1e-9, which changes with batch composition and kernel; a zero map makes the point
+    deterministic (the first pixel, as ``torch.argmax`` of a constant map gives).
+    """
+    import torch
+
+    if phrase_maps.shape[0] == 0 or token_maps is None or token_maps.numel() == 0:
+        return phrase_maps
+    scale = float(token_maps.abs().max())
+    flat = phrase_maps.flatten(1)
+    spread = flat.max(dim=1).values - flat.min(dim=1).values
+    is_flat = spread <= tolerance * max(scale, torch.finfo(torch.float32).tiny)
+    if not bool(is_flat.any()):
+        return phrase_maps
+    out = phrase_maps.clone()
+    out[is_flat] = 0.0
+    return out
+
+
+def _empty_selection(strategy: str, shape: tuple[int, int], reason: str) -> Any:
+    from pixfound.grounding.select import Selection
+
+    return Selection(strategy, None, np.zeros(shape, dtype=bool), info={"reason": reason})
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types (NumPy scalars and arrays, tuples) all the way down; NaN/inf become None."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (np.bool_,)):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if np.isfinite(value) else None
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+def worker_device(device: str) -> str:
+    """``"cuda"`` becomes ``"cuda:LOCAL_RANK"`` under torchrun, so each rank uses its own GPU."""
+    import torch
+
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device == "cuda" and local_rank is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # More ranks than GPUs (e.g. 2 processes sharing one card): wrap around.
+        return f"cuda:{int(local_rank) % max(1, torch.cuda.device_count())}"
+    return device
+
+
+def build_pipeline(config: EvalConfig, *, need_vectors: Optional[bool] = None, need_judge: Optional[bool] = None
+                   ) -> GroundingPipeline:
+    """Load everything ``config`` names: model (cached per process), SAM, spaCy, phrase vectors, judge."""
+    import torch
+
+    from pixfound.eval.judge import make_judge
+    from pixfound.grounding.phrases import load_spacy
+
+    config = config.resolved()
+    torch.manual_seed(config.seed)
+    device = worker_device(config.device)
+    adapter = load_eval_model(config.model, device, config.dtype)
+    segmenter = load_segmenter(dataclasses.replace(config, device=device))
+    grounds = any(p in (1, 3) for p in config.protocols)
+    nlp = load_spacy(config.spacy_pipeline) if grounds or need_vectors else None
+    vectors = None
+    if need_vectors if need_vectors is not None else ("similarity" in config.selects and grounds):
+        from pixfound.grounding.similarity import load_phrase_vectors
+
+        vectors = load_phrase_vectors(config.phrase_vectors, nlp=nlp, device="cpu")
+    judge = None
+    if need_judge if need_judge is not None else config.judge.strip().lower() not in ("", "none"):
+        spec = config.judge
+        _, _, judge_model = spec.partition(":")
+        reuse = adapter if spec.lower().startswith("hf:") and judge_model.strip() == config.model else None
+        judge = make_judge(spec, base_url=config.judge_base_url, adapter=reuse)
+    return GroundingPipeline(adapter, segmenter, nlp, config=config, vectors=vectors, judge=judge)
+
+
+# ---------------------------------------------------------------------------------------------
+# pixfound ground: the interpretability demo for one image
+# ---------------------------------------------------------------------------------------------
+
+
+def ground_demo(pipeline: GroundingPipeline, image_path: Union[str, pathlib.Path], prompt: str, *,
+                expression: Optional[str] = None, output: Union[str, pathlib.Path]) -> dict:
+    """Answer ``prompt`` about one image, ground every noun phrase, write ``<output>.png`` and ``<output>.json``.
+
+    The PNG has one row per phrase (label: the phrase), showing its point and its 3 SAM candidates.
+    With ``expression``, the judge (if the pipeline has one) or else phrase similarity picks one
+    phrase and mask, which is framed in red.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    from pixfound.eval.report import render_ground_grid
+
+    path = pathlib.Path(image_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--image {path} does not exist")
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"--image {path} is not a readable image: {error}") from None
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("--prompt must be a non-empty text")
+    item = _CachedImageSample(path.stem, image)
+    generations, _ = pipeline.generate([item], [prompt], capture=pipeline.config.capture)
+    generation = generations[0]
+    strategy = None
+    if expression:
+        strategy = "judge" if pipeline.judge is not None else ("similarity" if pipeline.vectors is not None else None)
+        if strategy is None:
+            logger.warning("--expression given but neither a judge nor phrase vectors are loaded; nothing is picked")
+    timings: dict = {}
+    result = pipeline.ground(image, generation, sample_id=item.id, expression=expression, gt_mask=None,
+                             timings=timings, selects=[strategy] if strategy else [])
+    phrase_rows = [p.to_dict() for p in result.phrases]
+    masks = result.masks.numpy() if hasattr(result.masks, "numpy") else np.asarray(result.masks)
+    scores = result.scores.numpy() if hasattr(result.scores, "numpy") else np.asarray(result.scores)
+    chosen = None
+    selection_record = None
+    if strategy is not None:
+        selection = result.selections[strategy]
+        selection_record = _jsonable(selection.to_record(include_mask=False))
+        if selection.candidate is not None:
+            row = [p.index for p in result.phrases].index(selection.candidate.phrase_index)
+            chosen = (row, selection.candidate.mask_index)
+    output = pathlib.Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    png = output.with_suffix(".png")
+    render_ground_grid(image, phrase_rows, result.points.tolist(), [list(m) for m in masks], png,
+                       title=f"{prompt}\n→ {generation.text}", chosen=chosen, scores=scores.tolist())
+    payload = {
+        "image": str(path),
+        "prompt": prompt,
+        "answer": generation.text,
+        "model": pipeline.adapter.name if hasattr(pipeline.adapter, "name") else pipeline.config.model,
+        "components": pipeline.components(),
+        "expression": expression,
+        "phrases": [_jsonable(p) for p in phrase_rows],
+        "points": result.points.tolist(),
+        "sam_scores": _jsonable(scores),
+        "selection": {"strategy": strategy, **selection_record} if selection_record else None,
+        "timings": timings,
+        "png": str(png),
+    }
+    from pixfound.eval.runner import write_json_atomic
+
+    write_json_atomic(output.with_suffix(".json"), payload)
+    return payload
