@@ -1,0 +1,471 @@
+"""Per-token image attention of a generating MLLM: fused capture and the published reference.
+
+For every generated token the probe records one vector over the image keys: the softmax
+attention of that token's query to the image tokens, averaged over all heads and all layers,
+with the denominator of the FULL key row (no renormalisation over the image keys).
+
+Step ``i`` of ``generate`` (one forward pass) gives the map of generated token ``i``:
+
+* step 0 (prefill) reads the prompt's second-to-last query row, as the published PixFoundation
+  code does (``first_token_row="second_to_last"``); ``"last"`` reads the last row instead;
+* every later step reads its single query row.
+
+Two capture modes compute the same numbers:
+
+* **reference** (:func:`reference_step_maps`): eager attention with ``output_attentions=True``;
+  the recipe of ``pixmmvp/inference/infer_pixfoundation.py`` in MSiam/PixFoundation: take the
+  row, slice the image keys, mean over layers and heads. It keeps every ``[B, H, Q, K]``
+  attention matrix of the run, so its memory grows with batch x heads x sequence².
+* **fused** (:class:`ImageAttentionCapture`): a custom attention function registered with
+  transformers' ``AttentionInterface`` under ``"pixfound_fused"`` returns SDPA's output
+  unchanged and, in the same call, computes only the needed query row's image attention with
+  :func:`pixfound._kernels.image_attention.image_attention` (Triton, or its torch reference),
+  adding the head mean into an fp32 ``[B, N]`` buffer per step. Nothing of size heads x seq² is
+  kept, and no layer synchronises the GPU with the host.
+
+:func:`token_maps` turns either mode's ``[B, steps, N]`` result into per-sample ``[T, h, w]``
+maps (shared post-processing).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from pixfound._kernels.image_attention import image_attention
+
+__all__ = [
+    "FUSED_ATTENTION",
+    "ImageAttentionCapture",
+    "fused_attention_forward",
+    "reference_step_maps",
+    "register_fused_attention",
+    "text_attention_implementation",
+    "token_maps",
+]
+
+FUSED_ATTENTION = "pixfound_fused"
+_FIRST_TOKEN_ROWS = ("second_to_last", "last")
+
+_registered = False
+_register_lock = threading.Lock()
+# The capture currently recording (captures do not nest; generate is not re-entrant either).
+_active_capture: Optional["ImageAttentionCapture"] = None
+
+
+def register_fused_attention() -> str:
+    """Register the fused attention function and its mask function with transformers (idempotent).
+
+    The mask function must be registered under the same name: for an attention implementation
+    that ``AttentionMaskInterface`` does not know, transformers builds no mask at all and the
+    causal/padding mask is silently dropped (``masking_utils._preprocess_mask_arguments``).
+    The fused function calls SDPA, so it takes SDPA's mask (``masking_utils.sdpa_mask``).
+    """
+    global _registered
+    with _register_lock:
+        if not _registered:
+            from transformers import AttentionInterface
+            from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+            AttentionInterface.register(FUSED_ATTENTION, fused_attention_forward)
+            AttentionMaskInterface.register(FUSED_ATTENTION, sdpa_mask)
+            _registered = True
+    return FUSED_ATTENTION
+
+
+def fused_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SDPA attention (output unchanged) that also feeds the active :class:`ImageAttentionCapture`."""
+    capture = _active_capture
+    if capture is not None:
+        scaling = kwargs.get("scaling")
+        if scaling is None:
+            scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+        capture._add_layer(query, key, attention_mask, float(scaling))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+@contextlib.contextmanager
+def text_attention_implementation(model: torch.nn.Module, implementation: str) -> Iterator[None]:
+    """Run the model's text decoder with ``implementation`` inside the block; the vision tower keeps its own.
+
+    Both capture modes change only the language model's attention, so the image features (and
+    hence the maps) do not depend on the mode.
+    """
+    config = model.config
+    text_config = config.get_text_config()
+    previous_text = text_config._attn_implementation
+    previous_top = config._attn_implementation
+    has_sub_configs = text_config is not config
+    if previous_text == implementation and previous_top == implementation:
+        yield
+        return
+
+    def apply(top: str, text: str) -> None:
+        if has_sub_configs:
+            request: dict[str, Any] = {"": top, "text_config": text}
+            vision = getattr(config, "vision_config", None)
+            if vision is not None:
+                request["vision_config"] = vision._attn_implementation
+            model.set_attn_implementation(request)
+        else:
+            model.set_attn_implementation(text)
+
+    apply(implementation, implementation)
+    try:
+        yield
+    finally:
+        apply(previous_top, previous_text)
+
+
+def _as_index(values: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Per-sample integer values as a host int64 vector (spans are checked on the host, once)."""
+    return torch.as_tensor(values, dtype=torch.int64).flatten().cpu()
+
+
+def _check_spans(image_start: torch.Tensor, image_len: torch.Tensor, seq_len: Optional[int]) -> None:
+    if image_start.shape != image_len.shape:
+        raise ValueError(
+            f"image_start and image_len must have one entry per sample, got {tuple(image_start.shape)} "
+            f"and {tuple(image_len.shape)}"
+        )
+    for b, (start, length) in enumerate(zip(image_start.tolist(), image_len.tolist())):
+        if length <= 0:
+            raise ValueError(f"sample {b} has no image tokens (image_len[{b}] = {length})")
+        if start < 0:
+            raise ValueError(f"image_start[{b}] must be >= 0, got {start}")
+        if seq_len is not None and start + length > seq_len:
+            raise ValueError(
+                f"the image span of sample {b} ends beyond the sequence: image_start[{b}] + image_len[{b}] = "
+                f"{start} + {length} > {seq_len} tokens"
+            )
+
+
+def _query_row(first_token_row: str, step: int, q_len: int) -> int:
+    """Index of the query row (within this forward's rows) whose map this step records."""
+    if step > 0:
+        return q_len - 1
+    if first_token_row == "last":
+        return q_len - 1
+    if q_len < 2:
+        raise ValueError(
+            f"first_token_row='second_to_last' needs a prompt of at least 2 tokens, the prefill has {q_len}"
+        )
+    return q_len - 2
+
+
+class ImageAttentionCapture:
+    """Context manager that records fused image-attention maps while ``model.generate`` runs.
+
+    Inside the block the text decoder runs the ``"pixfound_fused"`` attention (vision tower
+    unchanged). After the block, :meth:`step_maps` returns float32 ``[B, steps, N]``: per sample
+    and generation step the attention to the image keys, averaged over heads and layers
+    (``N = max(image_len)``, zero beyond a sample's own ``image_len``). The model, the
+    registries' state and the hooks are restored on exit, also after an exception.
+
+    Args:
+        model: the Hugging Face model that will ``generate``.
+        image_start: per sample, the position of its first image key in the padded input.
+        image_len: per sample, the number of image keys (contiguous from ``image_start``).
+        first_token_row: ``"second_to_last"`` (published) or ``"last"`` prefill row for step 0.
+        backend: ``image_attention`` backend, ``"auto" | "triton" | "torch"``.
+        decoder: the text decoder whose forward marks a generation step (default
+            ``model.get_decoder()``).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        image_start: Sequence[int] | torch.Tensor,
+        image_len: Sequence[int] | torch.Tensor,
+        first_token_row: str = "second_to_last",
+        backend: str = "auto",
+        decoder: Optional[torch.nn.Module] = None,
+    ) -> None:
+        if first_token_row not in _FIRST_TOKEN_ROWS:
+            raise ValueError(f"first_token_row must be one of {_FIRST_TOKEN_ROWS}, got {first_token_row!r}")
+        if backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        self.model = model
+        self.decoder = decoder if decoder is not None else model.get_decoder()
+        text_config = model.config.get_text_config()
+        self.num_layers = int(text_config.num_hidden_layers)
+        layer_types = getattr(text_config, "layer_types", None) or []
+        if any(kind != "full_attention" for kind in layer_types):
+            # The key range is derived once per step from the full-attention mask.
+            raise ValueError(
+                f"the probe supports full-attention text layers only, got layer types {sorted(set(layer_types))}"
+            )
+        self.first_token_row = first_token_row
+        self.backend = backend
+        self._image_start_host = _as_index(image_start)
+        self._image_len_host = _as_index(image_len)
+        _check_spans(self._image_start_host, self._image_len_host, None)
+        self.batch_size = int(self._image_start_host.numel())
+        self.num_image_keys = int(self._image_len_host.max())
+        self._reset()
+
+    def _reset(self) -> None:
+        self._steps: list[torch.Tensor] = []
+        self._layer_counts: list[int] = []
+        self._step = -1
+        self._step_sum: Optional[torch.Tensor] = None
+        self._step_layers = 0
+        self._row_cache: Optional[tuple] = None
+        self._gaps: Optional[torch.Tensor] = None  # device flag: a valid-key row was not one contiguous range
+        self._image_start: Optional[torch.Tensor] = None
+        self._image_len: Optional[torch.Tensor] = None
+        self._hook = None
+        self._attn_context = None
+        self._result: Optional[torch.Tensor] = None
+
+    # -- context manager ------------------------------------------------------------------------
+    def __enter__(self) -> "ImageAttentionCapture":
+        global _active_capture
+        if _active_capture is not None:
+            raise RuntimeError("another ImageAttentionCapture is already recording; captures do not nest")
+        register_fused_attention()
+        self._reset()
+        self._hook = self.decoder.register_forward_pre_hook(self._on_step)
+        self._attn_context = text_attention_implementation(self.model, FUSED_ATTENTION)
+        try:
+            self._attn_context.__enter__()
+        except BaseException:
+            self._hook.remove()
+            raise
+        _active_capture = self
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        global _active_capture
+        _active_capture = None
+        try:
+            if self._hook is not None:
+                self._hook.remove()
+            if self._attn_context is not None:
+                self._attn_context.__exit__(exc_type, exc, tb)
+        finally:
+            self._hook = None
+            self._attn_context = None
+            self._close_step()
+            self._row_cache = None
+        if exc_type is None and self._steps:
+            self._result = self._finish()
+
+    # -- recording ------------------------------------------------------------------------------
+    def _on_step(self, module: torch.nn.Module, args: tuple) -> None:
+        self._close_step()
+        self._step += 1
+        self._step_layers = 0
+        self._step_sum = None
+        self._row_cache = None
+
+    def _close_step(self) -> None:
+        if self._step >= 0 and self._step_sum is not None:
+            self._steps.append(self._step_sum)
+            self._layer_counts.append(self._step_layers)
+            self._step_sum = None
+
+    def _rows_and_ranges(
+        self, query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor]
+    ) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """Query row, key_start [B] and key_end [B, 1] of this step; computed at its first layer."""
+        if self._row_cache is not None:
+            return self._row_cache
+        batch, _, q_len, _ = query.shape
+        kv_len = key.shape[2]
+        device = query.device
+        if self._step < 0:
+            raise RuntimeError("the fused attention ran outside a decoder forward; is `decoder` the text model?")
+        if batch != self.batch_size:
+            raise ValueError(
+                f"the capture was set up for {self.batch_size} samples but the model runs a batch of {batch} "
+                "(beam search and num_return_sequences > 1 are not supported)"
+            )
+        if self._image_start is None:
+            self._check_prompt_length(kv_len if self._step == 0 else None)
+            self._image_start = self._image_start_host.to(device)
+            self._image_len = self._image_len_host.to(device)
+            self._gaps = torch.zeros((), dtype=torch.bool, device=device)
+        row = _query_row(self.first_token_row, self._step, q_len)
+        position = kv_len - q_len + row  # absolute position of that query (keys = past + current)
+        if attention_mask is None:
+            # SDPA skipped the mask: no padding, plain causal attention.
+            key_start = torch.zeros(batch, dtype=torch.int64, device=device)
+            key_end = torch.full((batch, 1), position + 1, dtype=torch.int64, device=device)
+        else:
+            if attention_mask.dim() != 4:
+                raise ValueError(f"expected a 4D attention mask, got shape {tuple(attention_mask.shape)}")
+            mask_row = attention_mask[:, 0, row, :kv_len]
+            valid = mask_row if mask_row.dtype == torch.bool else mask_row > torch.finfo(mask_row.dtype).min / 2
+            valid = valid.expand(batch, kv_len)
+            as_int = valid.to(torch.int32)
+            key_start = as_int.argmax(dim=-1).to(torch.int64)
+            key_end = (kv_len - as_int.flip(-1).argmax(dim=-1)).to(torch.int64)
+            # The kernel takes one contiguous range per row; remember (on the device) if a row had holes.
+            self._gaps |= (as_int.sum(-1) != key_end - key_start).any()
+            key_end = key_end[:, None]
+        self._row_cache = (row, key_start, key_end)
+        return self._row_cache
+
+    def _check_prompt_length(self, prompt_len: Optional[int]) -> None:
+        if prompt_len is not None:
+            _check_spans(self._image_start_host, self._image_len_host, prompt_len)
+
+    def _add_layer(
+        self, query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor], scaling: float
+    ) -> None:
+        row, key_start, key_end = self._rows_and_ranges(query, key, attention_mask)
+        probs = image_attention(
+            query[:, :, row : row + 1],
+            key,
+            image_start=self._image_start,
+            image_len=self._image_len,
+            key_start=key_start,
+            key_end=key_end,
+            scale=scaling,
+            backend=self.backend,
+            validate=False,  # spans were checked on the host once; no per-layer sync
+            num_image_keys=self.num_image_keys,
+        )[:, 0]
+        if self._step_sum is None:
+            self._step_sum = probs.clone()
+        else:
+            self._step_sum.add_(probs)
+        self._step_layers += 1
+
+    def _finish(self) -> torch.Tensor:
+        wrong = [(i, n) for i, n in enumerate(self._layer_counts) if n != self.num_layers]
+        if wrong:
+            step, count = wrong[0]
+            raise RuntimeError(
+                f"generation step {step} ran the fused attention in {count} layers, but the text model has "
+                f"{self.num_layers}; the maps would not average over all layers"
+            )
+        if self._gaps is not None and bool(self._gaps):  # the one host sync of the capture
+            raise ValueError(
+                "a query row's valid keys were not one contiguous range (padding inside the sequence?); "
+                "the probe supports left padding only"
+            )
+        stacked = torch.stack(self._steps, dim=1)  # [B, steps, N]
+        return (stacked / self.num_layers).float().cpu()
+
+    def step_maps(self) -> torch.Tensor:
+        """float32 ``[B, steps, N]`` on CPU: per step, image attention averaged over heads and layers."""
+        if self._result is not None:
+            return self._result
+        if self._hook is None and not self._steps and self._step < 0:
+            raise RuntimeError(
+                "the capture recorded nothing: the text decoder never ran inside the block "
+                "(call generate or forward inside `with ImageAttentionCapture(...)`)"
+            )
+        raise RuntimeError("step_maps() is available after the capture block finished without error")
+
+
+def reference_step_maps(
+    attentions: Sequence[Sequence[torch.Tensor]],
+    *,
+    image_start: Sequence[int] | torch.Tensor,
+    image_len: Sequence[int] | torch.Tensor,
+    first_token_row: str = "second_to_last",
+) -> torch.Tensor:
+    """The published recipe on ``generate(..., output_attentions=True)`` attentions.
+
+    Args:
+        attentions: per generation step, per layer, eager attention probabilities
+            ``[B, H, Q, K]`` (``GenerateOutput.attentions``).
+        image_start, image_len: per sample, the image span in the padded input.
+        first_token_row: prefill row of step 0, ``"second_to_last"`` (published) or ``"last"``.
+
+    Returns:
+        float32 ``[B, steps, N]`` on CPU, ``N = max(image_len)``, zero beyond each sample's span:
+        the row's probabilities at the image keys, averaged over layers and heads (in fp32).
+    """
+    if first_token_row not in _FIRST_TOKEN_ROWS:
+        raise ValueError(f"first_token_row must be one of {_FIRST_TOKEN_ROWS}, got {first_token_row!r}")
+    if len(attentions) == 0:
+        raise ValueError("attentions is empty: generate returned no attention (was output_attentions=True?)")
+    starts = _as_index(image_start)
+    lengths = _as_index(image_len)
+    first_layers = attentions[0]
+    if first_layers is None or len(first_layers) == 0 or first_layers[0] is None:
+        raise ValueError("generate returned no attention weights; the text model must run eager attention")
+    batch, _, q_len, kv_len = first_layers[0].shape
+    _check_spans(starts, lengths, kv_len)
+    if starts.numel() != batch:
+        raise ValueError(f"image spans for {starts.numel()} samples, but the attentions hold a batch of {batch}")
+    width = int(lengths.max())
+    device = first_layers[0].device
+    offsets = torch.arange(width, device=device)
+    key_index = starts.to(device)[:, None] + offsets  # [B, N]
+    in_span = offsets < lengths.to(device)[:, None]
+
+    steps = []
+    for step, layers in enumerate(attentions):
+        rows = []
+        for layer in layers:  # [B, H, Q, K]
+            row = _query_row(first_token_row, step, layer.shape[2])
+            rows.append(layer[:, :, row, :].float())
+        stacked = torch.stack(rows, dim=1)  # [B, layers, H, K]
+        index = key_index.clamp(max=stacked.shape[-1] - 1)[:, None, None, :].expand(-1, *stacked.shape[1:3], -1)
+        image = stacked.gather(-1, index)  # [B, layers, H, N]
+        per_step = image.mean(dim=(1, 2)).masked_fill(~in_span, 0.0)
+        steps.append(per_step)
+    return torch.stack(steps, dim=1).cpu()
+
+
+def token_maps(
+    step_maps: torch.Tensor,
+    layouts: Sequence[Any],
+    generated: torch.Tensor,
+    stop_ids: set[int],
+) -> list[tuple[torch.Tensor, dict]]:
+    """Per-sample token maps from ``[B, steps, N]`` step maps (shared by both capture modes).
+
+    Args:
+        step_maps: float32 ``[B, steps, N]``.
+        layouts: per sample, an object with ``grid_index`` (offsets into the image span for each
+            flat grid cell), ``geometry`` (``grid_h``, ``grid_w``) and ``extra`` (further grids).
+        generated: int ``[B, steps]`` generated ids.
+        stop_ids: EOS and padding ids; a sample's maps end before the first of them.
+
+    Returns:
+        Per sample ``(maps, extra)``: maps float32 ``[T, grid_h, grid_w]`` on CPU, ``T`` = tokens
+        before the first stop id; ``extra`` maps each extra grid's name to ``(maps, geometry)``.
+    """
+    from pixfound.models.base import first_stop_index
+
+    if step_maps.dim() != 3:
+        raise ValueError(f"step_maps must be [B, steps, N], got shape {tuple(step_maps.shape)}")
+    batch, steps, width = step_maps.shape
+    if generated.shape != (batch, steps):
+        raise ValueError(
+            f"generated ids {tuple(generated.shape)} do not match the step maps {tuple(step_maps.shape)}: "
+            "one map per generated token is expected"
+        )
+    if len(layouts) != batch:
+        raise ValueError(f"got {len(layouts)} layouts for a batch of {batch}")
+    step_maps = step_maps.float().cpu()
+    results = []
+    for b, layout in enumerate(layouts):
+        count = first_stop_index(generated[b].tolist(), stop_ids)
+
+        def grid(index: torch.Tensor, geometry: Any) -> torch.Tensor:
+            if int(index.max()) >= width:
+                raise ValueError(f"sample {b}: grid index {int(index.max())} beyond the {width} recorded image keys")
+            return step_maps[b, :count][:, index].reshape(count, geometry.grid_h, geometry.grid_w).contiguous()
+
+        maps = grid(layout.grid_index, layout.geometry)
+        extra = {name: (grid(index, geometry), geometry) for name, (index, geometry) in layout.extra.items()}
+        results.append((maps, extra))
+    return results

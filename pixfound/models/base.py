@@ -1,0 +1,458 @@
+"""The adapter protocol every MLLM family implements, and what generation returns.
+
+An adapter wraps one Hugging Face vision-language model with its processor. It
+
+* builds batched inputs from (image, user prompt) pairs with the model's own processor and
+  chat template, padded on the LEFT so that every sample's last prompt token sits in the same
+  column (the probe reads the last query rows of the prefill);
+* finds, per sample, where the image tokens sit in the padded sequence and which grid cell
+  (row, col) each of them covers (:class:`ImageTokenLayout`), and how that grid maps back to
+  the pixels of the original image (:class:`ImageGeometry`);
+* generates, optionally recording one image-attention map per generated token through
+  :mod:`pixfound.attention.probe` (``capture="fused"`` or ``"reference"``).
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+import time
+from typing import Any, Iterator, Literal, Optional, Sequence
+
+import torch
+
+# How the processor fit the original image into the token grid; decides the grid → pixel mapping.
+#   pad:    centred pad to a max(H, W) square, then resize  → upsample to S×S, centre-crop to H×W
+#   crop:   resize the short side, centre-crop a square    → grid covers the central min(H, W) square
+#   resize: stretch/resize the whole image (native aspect) → upsample straight to H×W
+FitMode = Literal["pad", "crop", "resize"]
+CaptureMode = Literal["fused", "reference"]
+FirstTokenRow = Literal["second_to_last", "last"]
+
+_FIT_MODES = ("pad", "crop", "resize")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageGeometry:
+    grid_h: int
+    grid_w: int
+    image_h: int
+    image_w: int
+    fit: FitMode
+
+    def __post_init__(self) -> None:
+        if self.fit not in _FIT_MODES:
+            raise ValueError(f"ImageGeometry.fit must be one of {_FIT_MODES}, got {self.fit!r}")
+        for name in ("grid_h", "grid_w", "image_h", "image_w"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ImageGeometry.{name} must be a positive int, got {value!r}")
+
+    def grid_to_image(self, gy: float, gx: float) -> tuple[float, float]:
+        """Map continuous grid coordinates to original-image pixel coordinates ``(y, x)``.
+
+        Grid coordinates run from 0 to ``grid_h`` / ``grid_w`` over the processed image, so the
+        centre of cell ``(i, j)`` is ``(i + 0.5, j + 0.5)``. The result may fall outside the
+        image for ``fit="pad"`` (cells on the padding border).
+        """
+        if self.fit == "resize":
+            return gy * self.image_h / self.grid_h, gx * self.image_w / self.grid_w
+        if self.fit == "pad":
+            side = max(self.image_h, self.image_w)
+            # Same split as the processors' pad-to-square: the smaller half goes top/left.
+            top, left = (side - self.image_h) // 2, (side - self.image_w) // 2
+            return gy * side / self.grid_h - top, gx * side / self.grid_w - left
+        side = min(self.image_h, self.image_w)  # crop: the grid covers the central square
+        return gy * side / self.grid_h + (self.image_h - side) / 2, gx * side / self.grid_w + (self.image_w - side) / 2
+
+    def cell_box(self, row: int, col: int) -> tuple[float, float, float, float]:
+        """Pixel box ``(x0, y0, x1, y1)`` in the original image covered by grid cell ``(row, col)``."""
+        if not (0 <= row < self.grid_h and 0 <= col < self.grid_w):
+            raise ValueError(f"cell ({row}, {col}) is outside the {self.grid_h}x{self.grid_w} grid")
+        y0, x0 = self.grid_to_image(row, col)
+        y1, x1 = self.grid_to_image(row + 1, col + 1)
+        return x0, y0, x1, y1
+
+
+@dataclasses.dataclass
+class Generation:
+    sample_id: str
+    prompt: str
+    text: str
+    token_ids: list[int]                  # generated ids, without padding and without the final EOS
+    maps: Optional[torch.Tensor]          # float32 [T, grid_h, grid_w] on CPU, T == len(token_ids); None without capture
+    geometry: ImageGeometry
+    timings: dict = dataclasses.field(default_factory=dict)
+    # Further per-token maps on other grids, e.g. LLaVA-NeXT's base 24x24 view: name -> (maps [T, h, w], geometry).
+    extra_maps: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTokenLayout:
+    """Where one sample's image tokens sit in the padded input, and which grid cell each covers.
+
+    ``span_start``/``span_len`` delimit the contiguous run of positions that holds the image
+    (for LLaVA-NeXT it also holds the row-newline tokens). ``grid_index[c]`` is the offset inside
+    that span of the token for flat grid cell ``c`` (row-major over ``grid_h x grid_w``).
+    ``extra`` holds further grids over the same span (name -> (grid_index, geometry)).
+    """
+
+    span_start: int
+    span_len: int
+    grid_index: torch.Tensor      # int64 [grid_h * grid_w], offsets into the span
+    geometry: ImageGeometry
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        cells = self.geometry.grid_h * self.geometry.grid_w
+        if self.grid_index.shape != (cells,):
+            raise ValueError(
+                f"grid_index must have shape ({cells},) for a {self.geometry.grid_h}x{self.geometry.grid_w} grid, "
+                f"got {tuple(self.grid_index.shape)}"
+            )
+        if cells and (int(self.grid_index.min()) < 0 or int(self.grid_index.max()) >= self.span_len):
+            raise ValueError(f"grid_index points outside the image span of {self.span_len} tokens")
+
+
+@dataclasses.dataclass
+class PreparedBatch:
+    """Processor output on the model's device, plus the image-token layout of every sample."""
+
+    inputs: dict[str, Any]
+    layouts: list[ImageTokenLayout]
+    prompt_texts: list[str]
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.inputs["input_ids"].shape[1])
+
+
+def image_token_span(input_ids: torch.Tensor, image_token_id: int, *, row: int = 0) -> tuple[int, int]:
+    """Start and length of the single contiguous run of ``image_token_id`` in ``input_ids[row]``.
+
+    Raises ValueError when the row holds no image token or several separate runs of them.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    if not 0 <= row < input_ids.shape[0]:
+        raise ValueError(f"row {row} is outside input_ids of shape {tuple(input_ids.shape)}")
+    positions = (input_ids[row] == image_token_id).nonzero().flatten()
+    if positions.numel() == 0:
+        raise ValueError(
+            f"row {row} of input_ids (length {input_ids.shape[1]}) holds no image token (id {image_token_id}); "
+            "the prompt must contain exactly one image"
+        )
+    start, stop = int(positions[0]), int(positions[-1]) + 1
+    if stop - start != positions.numel():
+        raise ValueError(
+            f"row {row} of input_ids holds {positions.numel()} image tokens (id {image_token_id}) spread over "
+            f"positions {start}..{stop - 1}, not one contiguous run; the prompt must contain exactly one image"
+        )
+    return start, stop - start
+
+
+def first_stop_index(token_ids: Sequence[int], stop_ids: set[int]) -> int:
+    """Number of tokens before the first EOS/padding token (all of them when there is none)."""
+    for index, token in enumerate(token_ids):
+        if token in stop_ids:
+            return index
+    return len(token_ids)
+
+
+class VisionLanguageAdapter(abc.ABC):
+    """Base class of the per-family adapters; see the module docstring for the protocol.
+
+    Subclasses set ``family`` and implement :meth:`format_prompt`, :meth:`_encode` and
+    :meth:`_layout`. Public attributes: ``model``, ``processor``, ``tokenizer``, ``family``,
+    ``name``, ``device``, ``dtype``.
+    """
+
+    family: str = ""
+
+    def __init__(self, model: torch.nn.Module, processor: Any, *, name: str) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.name = name
+        if self.tokenizer.padding_side != "left":
+            self.tokenizer.padding_side = "left"  # the probe and batching rely on left padding
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError(f"the tokenizer of {name} has no pad token; batched generation needs one")
+
+    # -- properties -----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        """The text decoder (the module whose attention layers the probe reads)."""
+        return self.model.get_decoder()
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.get_text_config().num_hidden_layers)
+
+    @property
+    def stop_token_ids(self) -> set[int]:
+        """EOS ids of the generation config plus the pad id: a token map ends before any of them."""
+        eos = self.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
+        ids.add(int(self.tokenizer.pad_token_id))
+        return {int(i) for i in ids}
+
+    # -- family-specific parts ------------------------------------------------------------------
+    @abc.abstractmethod
+    def format_prompt(self, prompt: str, *, with_image: bool = True) -> str:
+        """The chat-templated text of one user turn (image first, then ``prompt``), ready to generate."""
+
+    @abc.abstractmethod
+    def _encode(self, images: Optional[list], texts: list[str]) -> dict[str, Any]:
+        """Run the processor on templated texts (and images), left padded, returning tensors."""
+
+    @abc.abstractmethod
+    def _layout(self, inputs: dict[str, Any], row: int, image_size: tuple[int, int]) -> ImageTokenLayout:
+        """Image-token layout of sample ``row``; ``image_size`` is the original (H, W)."""
+
+    # -- shared machinery -----------------------------------------------------------------------
+    def prepare(self, images: Sequence[Any], prompts: Sequence[str]) -> PreparedBatch:
+        """Batched, left-padded model inputs for (image, user prompt) pairs, and their layouts."""
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+        if not images:
+            raise ValueError("prepare needs at least one (image, prompt) pair")
+        for index, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise ValueError(f"prompts[{index}] must be a str, got {type(prompt).__name__}")
+        texts = [self.format_prompt(p) for p in prompts]
+        inputs = self._encode(list(images), texts)
+        input_ids = inputs["input_ids"]
+        attention_mask = inputs.get("attention_mask")
+        if attention_mask is not None:
+            # Left padding: every row's last column is a real token.
+            if not bool(attention_mask[:, -1].all()):
+                raise ValueError("the processor padded on the right; the adapter needs left padding")
+        layouts = []
+        for row, image in enumerate(images):
+            layout = self._layout(inputs, row, (image.height, image.width))
+            if layout.span_start + layout.span_len > input_ids.shape[1]:
+                raise ValueError(
+                    f"the image span of sample {row} ({layout.span_start}+{layout.span_len}) ends beyond the "
+                    f"sequence of {input_ids.shape[1]} tokens"
+                )
+            layouts.append(layout)
+        device = self.device
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+        if "pixel_values" in moved and moved["pixel_values"].is_floating_point():
+            moved["pixel_values"] = moved["pixel_values"].to(self.dtype)
+        return PreparedBatch(inputs=moved, layouts=layouts, prompt_texts=texts)
+
+    def _generation_kwargs(
+        self, max_new_tokens: int, do_sample: bool, temperature: float, top_p: Optional[float]
+    ) -> dict:
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=max_new_tokens,
+            do_sample=bool(do_sample),
+            pad_token_id=int(self.tokenizer.pad_token_id),
+            use_cache=True,
+        )
+        if do_sample:
+            if temperature <= 0:
+                raise ValueError(f"temperature must be > 0 when do_sample=True, got {temperature}")
+            kwargs["temperature"] = float(temperature)
+            if top_p is not None:
+                kwargs["top_p"] = float(top_p)
+        else:
+            # Greedy: neutralise sampling knobs a checkpoint's generation_config may carry.
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    @contextlib.contextmanager
+    def text_attention(self, implementation: str) -> Iterator[None]:
+        """Temporarily run the text decoder with ``implementation`` (vision tower untouched)."""
+        from pixfound.attention.probe import text_attention_implementation
+
+        with text_attention_implementation(self.model, implementation):
+            yield
+
+    def generate(
+        self,
+        samples: Sequence[Any],
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int,
+        capture: Optional[CaptureMode] = "fused",
+        batch_size: int = 8,
+        first_token_row: FirstTokenRow = "second_to_last",
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: Optional[float] = None,
+        seed: Optional[int] = None,
+        backend: str = "auto",
+    ) -> list[Generation]:
+        """Answer each (sample image, prompt) and record one image map per generated token.
+
+        Args:
+            samples: objects with ``.id`` and ``.load_image()`` (``pixfound.data.Sample``).
+            prompts: the user texts, one per sample.
+            max_new_tokens: generation budget per sample.
+            capture: ``"fused"`` (SDPA + image-attention kernel), ``"reference"`` (eager attention
+                with ``output_attentions``, the published recipe) or ``None`` (no maps).
+            batch_size: samples per ``generate`` call (left padded).
+            first_token_row: which prefill query row gives the first token's map:
+                ``"second_to_last"`` (published) or ``"last"``.
+            do_sample, temperature, top_p: sampling; greedy by default.
+            seed: seeds torch's global RNG before each batch (for sampling).
+            backend: image-attention kernel backend for ``capture="fused"`` ("auto"|"triton"|"torch").
+
+        Returns:
+            One :class:`Generation` per sample, in input order.
+        """
+        from pixfound.attention import probe
+
+        if len(samples) != len(prompts):
+            raise ValueError(f"got {len(samples)} samples but {len(prompts)} prompts")
+        if capture not in (None, "fused", "reference"):
+            raise ValueError(f"capture must be 'fused', 'reference' or None, got {capture!r}")
+        if first_token_row not in ("second_to_last", "last"):
+            raise ValueError(f"first_token_row must be 'second_to_last' or 'last', got {first_token_row!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        gen_kwargs = self._generation_kwargs(max_new_tokens, do_sample, temperature, top_p)
+        stop_ids = self.stop_token_ids
+
+        results: list[Generation] = []
+        for begin in range(0, len(samples), batch_size):
+            chunk = list(samples[begin : begin + batch_size])
+            chunk_prompts = list(prompts[begin : begin + batch_size])
+            images = [s.load_image() for s in chunk]
+            batch = self.prepare(images, chunk_prompts)
+            if seed is not None:
+                torch.manual_seed(seed)
+            started = time.perf_counter()
+            step_maps = None
+            generated_at = None  # when generate returned, before the maps are gathered
+            with torch.inference_mode():
+                if capture == "fused":
+                    with probe.ImageAttentionCapture(
+                        self.model,
+                        image_start=[l.span_start for l in batch.layouts],
+                        image_len=[l.span_len for l in batch.layouts],
+                        first_token_row=first_token_row,
+                        backend=backend,
+                        decoder=self.decoder,
+                    ) as recorder:
+                        sequences = self.model.generate(**batch.inputs, **gen_kwargs)
+                        generated_at = time.perf_counter()
+                    step_maps = recorder.step_maps()
+                elif capture == "reference":
+                    with self.text_attention("eager"):
+                        out = self.model.generate(
+                            **batch.inputs, **gen_kwargs, output_attentions=True, return_dict_in_generate=True
+                        )
+                    sequences = out.sequences
+                    generated_at = time.perf_counter()
+                    step_maps = probe.reference_step_maps(
+                        out.attentions,
+                        image_start=[l.span_start for l in batch.layouts],
+                        image_len=[l.span_len for l in batch.layouts],
+                        first_token_row=first_token_row,
+                    )
+                    del out
+                else:
+                    with self.text_attention("sdpa"):
+                        sequences = self.model.generate(**batch.inputs, **gen_kwargs)
+            generated = sequences[:, batch.prompt_len :].cpu()
+            per_sample_maps = (
+                probe.token_maps(step_maps, batch.layouts, generated, stop_ids) if step_maps is not None else None
+            )
+            finished = time.perf_counter()
+            elapsed = finished - started
+            # Gathering the maps after generate; the fused kernel's share inside generate is not separable.
+            capture_after = 0.0 if generated_at is None else finished - generated_at
+            steps = generated.shape[1]
+            for row, sample in enumerate(chunk):
+                ids = generated[row].tolist()
+                count = first_stop_index(ids, stop_ids)
+                ids = ids[:count]
+                maps, extra = (None, {}) if per_sample_maps is None else per_sample_maps[row]
+                results.append(
+                    Generation(
+                        sample_id=str(sample.id),
+                        prompt=chunk_prompts[row],
+                        text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                        token_ids=ids,
+                        maps=maps,
+                        geometry=batch.layouts[row].geometry,
+                        timings={
+                            "generate_s": elapsed / len(chunk),  # per-sample share, capture included
+                            "capture_s": capture_after / len(chunk) if capture else None,
+                            "batch_generate_s": elapsed,
+                            "batch_size": len(chunk),
+                            "batch_steps": steps,
+                            "capture": capture,
+                        },
+                        extra_maps=extra,
+                    )
+                )
+        return results
+
+    def chat(
+        self,
+        image: Optional[Any],
+        prompt: str,
+        max_new_tokens: int = 64,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+    ) -> str:
+        """One plain chat turn (``PIL.Image`` or ``None``, then text) without capture; returns the answer.
+
+        Greedy by default; the judge's ``hf`` backend calls ``chat(image, prompt, max_new_tokens)``.
+        """
+        return self.chat_batch([image], [prompt], max_new_tokens=max_new_tokens, do_sample=do_sample,
+                               temperature=temperature)[0]
+
+    def chat_batch(
+        self,
+        images: Sequence[Optional[Any]],
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+    ) -> list[str]:
+        """Plain chat turns for several (image or None, prompt) pairs; all with or all without images."""
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+        with_image = [im is not None for im in images]
+        if any(with_image) and not all(with_image):
+            raise ValueError("chat_batch needs either an image for every prompt or for none")
+        has_images = bool(with_image) and with_image[0]
+        texts = [self.format_prompt(p, with_image=has_images) for p in prompts]
+        inputs = self._encode(list(images) if has_images else None, texts)
+        device = self.device
+        inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        kwargs = self._generation_kwargs(max_new_tokens, do_sample, temperature, None)
+        with torch.inference_mode(), self.text_attention("sdpa"):
+            sequences = self.model.generate(**inputs, **kwargs)
+        prompt_len = inputs["input_ids"].shape[1]
+        stop_ids = self.stop_token_ids
+        answers = []
+        for row in sequences[:, prompt_len:].cpu().tolist():
+            answers.append(self.tokenizer.decode(row[: first_stop_index(row, stop_ids)], skip_special_tokens=True))
+        return answers
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, family={self.family!r}, device={self.device}, "
+            f"dtype={self.dtype})"
+        )

@@ -1,0 +1,349 @@
+"""The attention probe: fused capture (SDPA + image_attention) against the published eager recipe."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pixfound.attention import probe
+from pixfound.data.sample import Sample
+from pixfound.models import ImageGeometry, ImageTokenLayout, tiny_model
+
+MAP_TOL = 1e-5  # fp32 maps, fused vs reference and alone vs in a batch
+
+# Prompts of different lengths, so the batch is left padded.
+PROMPTS = [
+    "describe the image",
+    "what color is the big dog on the left of the wooden table ?",
+    "identify the red car in the scene .",
+]
+# (H, W) per family: non-square images; Qwen needs larger ones to get several 28 px tokens.
+IMAGE_SIZES = {
+    "llava": [(30, 50), (64, 48), (40, 40)],
+    "llava_next": [(30, 50), (64, 48), (40, 40)],
+    "qwen2_vl": [(84, 140), (112, 84), (100, 100)],
+}
+NEW_TOKENS = 5
+
+
+def make_sample(index: int, size: tuple[int, int]) -> Sample:
+    rng = np.random.default_rng(1000 + index)
+    pixels = (rng.random((*size, 3)) * 255).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    return Sample(
+        id=f"img{index}", index=index, benchmark="synthetic", question="q", options=["a", "b"], answer="A",
+        expression=None, image_size=size, image_loader=lambda: image,
+    )
+
+
+@pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_vl"])
+def family_run(request):
+    """One tiny model per family, with its reference (eager) generation of the 3-sample batch."""
+    family = request.param
+    adapter = tiny_model(family, seed=0)
+    samples = [make_sample(i, size) for i, size in enumerate(IMAGE_SIZES[family])]
+    reference = adapter.generate(samples, PROMPTS, max_new_tokens=NEW_TOKENS, capture="reference", batch_size=3)
+    return adapter, samples, reference
+
+
+def _assert_same(first, second, tol: float = MAP_TOL) -> None:
+    assert first.token_ids == second.token_ids
+    assert first.maps.shape == second.maps.shape
+    assert first.maps.dtype == torch.float32 and first.maps.device.type == "cpu"
+    diff = (first.maps - second.maps).abs().max().item()
+    assert diff <= tol, f"maps differ by {diff:.3g} > {tol}"
+    assert first.extra_maps.keys() == second.extra_maps.keys()
+    for name in first.extra_maps:
+        assert (first.extra_maps[name][0] - second.extra_maps[name][0]).abs().max().item() <= tol
+
+
+# ------------------------------------------------------------------------------------------------
+# fused vs reference on the real model classes
+# ------------------------------------------------------------------------------------------------
+def test_fused_matches_reference_batched(family_run):
+    adapter, samples, reference = family_run
+    text_config = adapter.model.config.get_text_config()
+    assert text_config.num_key_value_heads < text_config.num_attention_heads  # GQA
+    fused = adapter.generate(samples, PROMPTS, max_new_tokens=NEW_TOKENS, capture="fused", batch_size=3)
+    # The prompts really are left padded to different lengths.
+    batch = adapter.prepare([s.load_image() for s in samples], PROMPTS)
+    assert len(set(batch.inputs["attention_mask"].sum(dim=1).tolist())) == 3
+    for ref, fus in zip(reference, fused):
+        assert len(ref.token_ids) == NEW_TOKENS  # tiny models never emit EOS on their own
+        assert ref.maps.shape == (NEW_TOKENS, ref.geometry.grid_h, ref.geometry.grid_w)
+        assert float(ref.maps.min()) >= 0.0 and float(ref.maps.sum(dim=(1, 2)).max()) <= 1.0 + 1e-6
+        _assert_same(ref, fus)
+
+
+def test_batch_invariance(family_run):
+    """A sample alone gives the same tokens and maps as inside a padded batch (both modes)."""
+    adapter, samples, reference = family_run
+    for index in (0, 1):  # the shortest prompt (most padding) and the longest (none)
+        alone_fused = adapter.generate([samples[index]], [PROMPTS[index]], max_new_tokens=NEW_TOKENS, capture="fused")
+        _assert_same(alone_fused[0], reference[index])
+    alone_reference = adapter.generate([samples[0]], [PROMPTS[0]], max_new_tokens=NEW_TOKENS, capture="reference")
+    _assert_same(alone_reference[0], reference[0])
+
+
+def test_fused_generation_equals_plain_sdpa(family_run):
+    adapter, samples, reference = family_run
+    plain = adapter.generate(samples, PROMPTS, max_new_tokens=NEW_TOKENS, capture=None, batch_size=3)
+    for p, r in zip(plain, reference):
+        assert p.maps is None
+        assert p.token_ids == r.token_ids
+        assert p.text == r.text
+
+
+def test_fused_forward_logits_bitwise_equal_to_sdpa():
+    """The fused attention returns SDPA's output unchanged: logits are bit-for-bit the same."""
+    adapter = tiny_model("llava")
+    samples = [make_sample(i, size) for i, size in enumerate(IMAGE_SIZES["llava"])]
+    batch = adapter.prepare([s.load_image() for s in samples], PROMPTS)
+    with torch.inference_mode():
+        with adapter.text_attention("sdpa"):
+            plain = adapter.model(**batch.inputs).logits
+        with probe.ImageAttentionCapture(
+            adapter.model,
+            image_start=[l.span_start for l in batch.layouts],
+            image_len=[l.span_len for l in batch.layouts],
+            first_token_row="last",
+        ) as capture:
+            fused = adapter.model(**batch.inputs).logits
+    assert torch.equal(plain, fused)
+    assert capture.step_maps().shape == (3, 1, 25)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the native Triton kernel)")
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_fused_matches_reference_on_cuda(family):
+    adapter = tiny_model(family)
+    adapter.model.to("cuda")
+    samples = [make_sample(i, size) for i, size in enumerate(IMAGE_SIZES[family])]
+    reference = adapter.generate(samples, PROMPTS, max_new_tokens=NEW_TOKENS, capture="reference", batch_size=3)
+    fused = adapter.generate(samples, PROMPTS, max_new_tokens=NEW_TOKENS, capture="fused", batch_size=3,
+                             backend="triton")
+    for ref, fus in zip(reference, fused):
+        _assert_same(ref, fus)
+
+
+def test_last_row_option_matches_reference():
+    adapter = tiny_model("qwen2_vl")
+    samples = [make_sample(i, size) for i, size in enumerate(IMAGE_SIZES["qwen2_vl"])]
+    kwargs = dict(max_new_tokens=3, batch_size=3, first_token_row="last")
+    reference = adapter.generate(samples, PROMPTS, capture="reference", **kwargs)
+    fused = adapter.generate(samples, PROMPTS, capture="fused", backend="torch", **kwargs)
+    published = adapter.generate(samples, PROMPTS, capture="fused", max_new_tokens=3, batch_size=3)
+    for ref, fus, pub in zip(reference, fused, published):
+        _assert_same(ref, fus)
+        # Only the first token's map depends on the row choice.
+        assert not torch.allclose(ref.maps[0], pub.maps[0])
+        assert torch.allclose(ref.maps[1:], pub.maps[1:], atol=MAP_TOL, rtol=0)
+
+
+def test_maps_end_before_eos():
+    """A sample that emits EOS keeps only the tokens before it; the others run on."""
+    adapter = tiny_model("llava")
+    samples = [make_sample(i, size) for i, size in enumerate(IMAGE_SIZES["llava"])]
+    free = adapter.generate(samples, PROMPTS, max_new_tokens=NEW_TOKENS, capture=None, batch_size=3)
+    eos = free[1].token_ids[2]  # sample 1 "ends" at its third token
+    adapter.model.generation_config.eos_token_id = eos
+    ref = adapter.generate(samples, PROMPTS, max_new_tokens=NEW_TOKENS, capture="reference", batch_size=3)
+    fus = adapter.generate(samples, PROMPTS, max_new_tokens=NEW_TOKENS, capture="fused", batch_size=3)
+    for r, f, full in zip(ref, fus, free):
+        expected = full.token_ids[: full.token_ids.index(eos)] if eos in full.token_ids else full.token_ids
+        assert r.token_ids == expected
+        assert r.maps.shape[0] == len(expected)
+        _assert_same(r, f)
+    assert len(ref[1].token_ids) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# the probe leaves nothing behind; bad input
+# ------------------------------------------------------------------------------------------------
+def _assert_clean(adapter) -> None:
+    assert probe._active_capture is None
+    assert adapter.model.config.get_text_config()._attn_implementation == "sdpa"
+    assert adapter.model.config._attn_implementation == "sdpa"
+    assert not adapter.decoder._forward_pre_hooks
+
+
+def test_capture_restores_model_state():
+    adapter = tiny_model("llava")
+    samples = [make_sample(0, (30, 50))]
+    adapter.generate(samples, PROMPTS[:1], max_new_tokens=2, capture="fused")
+    _assert_clean(adapter)
+    adapter.generate(samples, PROMPTS[:1], max_new_tokens=2, capture="reference")
+    _assert_clean(adapter)
+    result = adapter.generate(samples, PROMPTS[:1], max_new_tokens=2, capture=None)
+    assert result[0].maps is None and len(result[0].token_ids) == 2
+    _assert_clean(adapter)
+
+
+def test_image_span_beyond_sequence_is_a_clear_error_and_restores_state():
+    adapter = tiny_model("llava")
+    batch = adapter.prepare([make_sample(0, (30, 50)).load_image()], PROMPTS[:1])
+    too_far = batch.prompt_len - 3
+    with pytest.raises(ValueError, match="image span of sample 0 ends beyond the sequence"):
+        with torch.inference_mode(), probe.ImageAttentionCapture(adapter.model, image_start=[too_far], image_len=[25]):
+            adapter.model.generate(**batch.inputs, max_new_tokens=2, do_sample=False)
+    _assert_clean(adapter)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(image_start=[3], image_len=[0]), "no image tokens"),
+        (dict(image_start=[-1], image_len=[4]), "image_start"),
+        (dict(image_start=[0, 1], image_len=[4]), "one entry per sample"),
+        (dict(image_start=[0], image_len=[4], first_token_row="first"), "first_token_row"),
+        (dict(image_start=[0], image_len=[4], backend="cuda"), "backend"),
+    ],
+)
+def test_capture_rejects_bad_arguments(kwargs, message):
+    adapter = tiny_model("llava")
+    with pytest.raises(ValueError, match=message):
+        probe.ImageAttentionCapture(adapter.model, **kwargs)
+
+
+def test_sliding_window_layers_are_rejected():
+    adapter = tiny_model("llava")
+    adapter.model.config.text_config.layer_types = ["full_attention", "sliding_attention", "full_attention"]
+    with pytest.raises(ValueError, match="full-attention text layers only"):
+        probe.ImageAttentionCapture(adapter.model, image_start=[0], image_len=[4])
+
+
+def test_padding_inside_the_sequence_is_rejected():
+    """The kernel takes one contiguous key range per row; a hole in the mask must not pass silently."""
+    adapter = tiny_model("llava")
+    batch = adapter.prepare([make_sample(0, (30, 50)).load_image()], PROMPTS[:1])
+    batch.inputs["attention_mask"][0, 1] = 0  # a hole after the first (BOS-like) token
+    layout = batch.layouts[0]
+    with pytest.raises(ValueError, match="contiguous"):
+        with torch.inference_mode(), probe.ImageAttentionCapture(
+            adapter.model, image_start=[layout.span_start], image_len=[layout.span_len]
+        ):
+            adapter.model(**batch.inputs)
+    _assert_clean(adapter)
+
+
+def test_captures_do_not_nest():
+    adapter = tiny_model("llava")
+    outer = probe.ImageAttentionCapture(adapter.model, image_start=[0], image_len=[4])
+    with outer:
+        with pytest.raises(RuntimeError, match="already recording"):
+            with probe.ImageAttentionCapture(adapter.model, image_start=[0], image_len=[4]):
+                pass
+        with pytest.raises(RuntimeError, match="after the capture block"):
+            outer.step_maps()
+    with pytest.raises(RuntimeError, match="recorded nothing"):
+        with probe.ImageAttentionCapture(adapter.model, image_start=[0], image_len=[4]) as idle:
+            pass
+        idle.step_maps()
+    _assert_clean(adapter)
+
+
+def test_second_to_last_row_needs_two_prompt_tokens():
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        probe._query_row("second_to_last", 0, 1)
+    assert probe._query_row("last", 0, 1) == 0
+    assert probe._query_row("second_to_last", 0, 7) == 5
+    assert probe._query_row("second_to_last", 3, 1) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# registration with transformers
+# ------------------------------------------------------------------------------------------------
+def test_mask_function_is_registered_so_padding_is_kept():
+    """Without a registered mask function transformers silently builds no mask for a custom attention."""
+    from transformers import AttentionInterface, LlamaConfig
+    from transformers.masking_utils import AttentionMaskInterface, create_causal_mask, sdpa_mask
+
+    name = probe.register_fused_attention()
+    assert AttentionInterface._global_mapping[name] is probe.fused_attention_forward
+    assert AttentionMaskInterface._global_mapping[name] is sdpa_mask
+
+    config = LlamaConfig(hidden_size=8, num_attention_heads=2, num_hidden_layers=1, vocab_size=10)
+    config._attn_implementation = name
+    embeds = torch.zeros(2, 5, 8)
+    padding = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    mask = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=padding, cache=None)
+    assert mask is not None and mask.shape == (2, 1, 5, 5) and mask.dtype == torch.bool
+    assert not mask[0, 0, 4, :2].any() and mask[0, 0, 4, 2:].all()  # the padding keys stay masked
+    assert not mask[1, 0, 2, 3:].any()  # and causality holds
+
+
+# ------------------------------------------------------------------------------------------------
+# reference recipe and shared post-processing on synthetic tensors
+# ------------------------------------------------------------------------------------------------
+def _published_loop(attentions, image_start: int, image_len: int, sample: int) -> torch.Tensor:
+    """infer_pixfoundation.py (MSiam/PixFoundation), for one sample of the batch."""
+    maps = []
+    for i, layers in enumerate(attentions):
+        layers = [x[sample : sample + 1] for x in layers]
+        if i == 0:
+            step = torch.cat([x[:, :, -2:-1, :] for x in layers])
+        else:
+            step = torch.cat(layers)
+        step = step[:, :, -1, image_start : image_start + image_len]
+        maps.append(step.mean(dim=(0, 1)))
+    return torch.stack(maps)
+
+
+def test_reference_step_maps_is_the_published_recipe():
+    generator = torch.Generator().manual_seed(3)
+    batch, heads, layers, prompt = 2, 3, 4, 11
+    attentions = []
+    for step in range(4):
+        queries = prompt if step == 0 else 1
+        keys = prompt + step
+        attentions.append(
+            tuple(
+                torch.softmax(torch.randn(batch, heads, queries, keys, generator=generator), -1)
+                for _ in range(layers)
+            )
+        )
+    starts, lengths = [2, 4], [6, 5]
+    result = probe.reference_step_maps(attentions, image_start=starts, image_len=lengths)
+    assert result.shape == (batch, 4, 6) and result.dtype == torch.float32
+    for b in range(batch):
+        expected = _published_loop(attentions, starts[b], lengths[b], b)
+        torch.testing.assert_close(result[b, :, : lengths[b]], expected, rtol=0, atol=1e-7)
+        assert not result[b, :, lengths[b] :].any()
+    last = probe.reference_step_maps(attentions, image_start=starts, image_len=lengths, first_token_row="last")
+    expected_first = torch.stack([a[0, :, -1, 2:8] for a in attentions[0]]).mean(dim=(0, 1))
+    torch.testing.assert_close(last[0, 0], expected_first, rtol=0, atol=1e-7)
+    torch.testing.assert_close(last[:, 1:], result[:, 1:], rtol=0, atol=0)
+
+
+def test_reference_step_maps_rejects_bad_spans():
+    attentions = [(torch.full((1, 1, 4, 4), 0.25),)]
+    with pytest.raises(ValueError, match="ends beyond the sequence"):
+        probe.reference_step_maps(attentions, image_start=[2], image_len=[3])
+    with pytest.raises(ValueError, match="attentions is empty"):
+        probe.reference_step_maps([], image_start=[0], image_len=[1])
+    with pytest.raises(ValueError, match="no attention weights"):
+        probe.reference_step_maps([(None,)], image_start=[0], image_len=[1])
+
+
+def test_token_maps_cuts_at_stop_ids_and_maps_cells():
+    steps = torch.arange(2 * 4 * 7, dtype=torch.float32).reshape(2, 4, 7)
+    geometry = ImageGeometry(2, 3, 20, 30, "resize")
+    permuted = torch.tensor([6, 5, 4, 3, 2, 1])
+    layouts = [
+        ImageTokenLayout(
+            0, 7, torch.arange(6), geometry, extra={"base": (torch.tensor([0]), ImageGeometry(1, 1, 20, 30, "resize"))}
+        ),
+        ImageTokenLayout(0, 7, permuted, geometry),
+    ]
+    generated = torch.tensor([[5, 6, 9, 9], [5, 6, 7, 8]])
+    result = probe.token_maps(steps, layouts, generated, stop_ids={9})
+    maps0, extra0 = result[0]
+    maps1, extra1 = result[1]
+    assert maps0.shape == (2, 2, 3) and maps1.shape == (4, 2, 3)
+    torch.testing.assert_close(maps0.flatten(1), steps[0, :2, :6], rtol=0, atol=0)
+    torch.testing.assert_close(maps1.flatten(1), steps[1][:, permuted], rtol=0, atol=0)
+    assert extra0["base"][0].shape == (2, 1, 1) and extra1 == {}
+    with pytest.raises(ValueError, match="one map per generated token"):
+        probe.token_maps(steps, layouts, generated[:, :3], stop_ids={9})
