@@ -156,7 +156,7 @@ def test_maps_end_before_eos():
         assert r.token_ids == expected
         assert r.maps.shape[0] == len(expected)
         _assert_same(r, f)
-    assert len(ref[1].token_ids) == 2
+    assert len(ref[1].token_ids) == free[1].token_ids.index(eos) <= 2  # sample 1 really was cut short
 
 
 # ------------------------------------------------------------------------------------------------

@@ -35,19 +35,24 @@ red green blue yellow black white gray brown pink purple dark bright small large
 long round flat open closed empty full old new young wooden metal plastic striped shiny left right
 """.split()
 _DETERMINERS = ["the", "a", "an", "two", "three", "some"]
-_OTHER = """
-is are there what which where how many color of and or not yes no does do can you see this that it its
-to on at by for under above below behind near next between inside outside visible facing direction
-position closer farther camera number count one four five six seven eight nine ten zero identify in
-scene options option answer with letter from given choices directly b c d e f s sitting standing walking
-running holding looking lying eating playing wearing riding parked flying user assistant system are
-helpful chat between curious human artificial intelligence gives detailed polite answers questions
-question describe picture please
+_FUNCTION_WORDS = """
+is are there what which where how many of and or not yes no does do can see this that it its to on at by
+for under above below behind near next between inside outside facing sitting standing walking running
+holding looking lying eating playing wearing riding parked flying
+""".split()
+# Words that prompts and chat templates use but answers should not (never or rarely generated).
+_PROMPT_WORDS = """
+color you visible direction position closer farther camera number count one four five six seven eight nine
+ten zero identify in scene options option answer with letter from given choices directly b c d e f s user
+assistant system helpful chat curious human artificial intelligence gives detailed polite answers
+questions question describe picture please
 """.split()
 _PUNCTUATION = list(".,?!:;'\"()-/")
 
-# Scale of each LM-head row by word class: nouns win most often, special tokens never.
-_ROW_SCALE = {"noun": 1.0, "adjective": 0.85, "determiner": 0.85, "other": 0.35, "punctuation": 0.35}
+# Scale of each LM-head row by word class: nouns win most often, then modifiers, function words and
+# punctuation (which split noun phrases); prompt-only words rarely, special tokens never.
+_ROW_SCALE = {"noun": 1.0, "adjective": 0.85, "determiner": 0.9, "function": 0.75, "punctuation": 0.8,
+              "prompt": 0.3}
 # Weight std = gain / sqrt(fan_in). The text gain is well above the usual 0.02 * sqrt(fan_in), so
 # attention is peaked rather than uniform; the LM-head gain gives logits of std ~4.
 _LM_HEAD_GAIN = 4.0
@@ -61,8 +66,9 @@ def _word_classes() -> dict[str, str]:
         (_NOUNS, "noun"),
         (_ADJECTIVES, "adjective"),
         (_DETERMINERS, "determiner"),
-        (_OTHER, "other"),
+        (_FUNCTION_WORDS, "function"),
         (_PUNCTUATION, "punctuation"),
+        (_PROMPT_WORDS, "prompt"),
     ):
         for word in words:
             classes.setdefault(word, kind)
