@@ -213,8 +213,12 @@ def image_attention_reference(
     if batch == 0 or width == 0 or num_keys == 0:
         return torch.zeros(batch, rows, width, dtype=out_dtype, device=q.device)
 
-    keys = k.to(compute_dtype).repeat_interleave(heads_q // heads_kv, dim=1)  # query head h -> kv head h // group
-    scores = torch.matmul(q.to(compute_dtype), keys.transpose(-1, -2)) * scale  # [B, Hq, R, L]
+    # Query head h uses kv head h // group: fold each group's heads into the row axis so that one
+    # matmul per kv head serves them all, without copying K once per query head.
+    group = heads_q // heads_kv
+    grouped_q = q.to(compute_dtype).reshape(batch, heads_kv, group * rows, q.shape[-1])
+    scores = torch.matmul(grouped_q, k.to(compute_dtype).transpose(-1, -2)) * scale  # [B, Hkv, G*R, L]
+    scores = scores.reshape(batch, heads_q, rows, num_keys)
     positions = torch.arange(num_keys, device=q.device)
     valid = (positions >= checked.key_start[:, None, None]) & (positions < checked.key_end[:, :, None])  # [B, R, L]
     scores = scores.masked_fill(~valid[:, None], float("-inf"))
