@@ -14,7 +14,14 @@ Each record carries per-stage wall times in seconds under ``timings``: ``io_s`` 
 mask encoding), ``generate_s`` (the sample's share of its batch's ``generate`` call, capture
 included), ``capture_s`` (the capture's own share when the adapter reports it), ``phrases_s``,
 ``upsample_peak_s``, ``sam_encoder_s`` (0 when the embedding was computed for another protocol of
-the same batch), ``sam_decoder_s``, ``selection_s`` and ``judge_answer_s``.
+the same batch), ``sam_decoder_s``, ``selection_s`` and ``judge_answer_s``. Work done once for the
+whole batch (the spaCy parse of all answers, the SAM encoder call, the phrase-vector encoding) is
+shared out equally among its samples.
+
+Batch-level work: the answers of a batch are parsed by spaCy in one ``nlp.pipe`` pass, the SAM
+image encoder runs once per batch of images (shared by protocols 1 and 3), and every phrase and
+expression text of the batch goes to the phrase-vector model in one call, memoised per text
+(:class:`pixfound.grounding.similarity.CachedPhraseVectors`).
 """
 from __future__ import annotations
 
@@ -77,9 +84,10 @@ def load_segmenter(config: EvalConfig) -> Any:
         if config.sam_checkpoint is not None:
             raise ValueError("--sam-checkpoint was given with --sam-model tiny; name the checkpoint's model "
                              "type (vit_h, vit_l or vit_b)")
-        return tiny_sam(config.sam_seed, device=config.device, encoder_batch_size=config.sam_batch_size)
+        return tiny_sam(config.sam_seed, device=config.device, encoder_batch_size=config.sam_batch_size,
+                        dtype=config.sam_dtype)
     return load_sam(config.sam_model, config.sam_checkpoint, device=config.device,
-                    encoder_batch_size=config.sam_batch_size)
+                    encoder_batch_size=config.sam_batch_size, dtype=config.sam_dtype)
 
 
 class _CachedImageSample:
@@ -124,8 +132,13 @@ class GroundingPipeline:
             raise ValueError("selection 'similarity' needs phrase vectors (see --phrase-vectors)")
         if "judge" in config.selects and judge is None:
             raise ValueError("selection 'judge' needs a judge (--judge openai:MODEL or hf:MODEL)")
+        if vectors is not None and not hasattr(vectors, "prefetch"):
+            from pixfound.grounding.similarity import CachedPhraseVectors
+
+            vectors = self.vectors = CachedPhraseVectors(vectors)
         self._images: dict[str, Any] = {}
         self._embeddings: dict[str, Any] = {}
+        self._gt_masks: dict[str, Optional[np.ndarray]] = {}
 
     # -- description ----------------------------------------------------------------------------
     def components(self) -> dict:
@@ -154,6 +167,7 @@ class GroundingPipeline:
     def end_batch(self) -> None:
         self._images.clear()
         self._embeddings.clear()
+        self._gt_masks.clear()
 
     def _image(self, sample: Any) -> tuple[Any, float]:
         if sample.id in self._images:
@@ -203,12 +217,14 @@ class GroundingPipeline:
         prompts = self.prompts(samples, protocol)
         grounds = protocol in (1, 3)
         generations, generate_share = self.generate(items, prompts, capture=self.config.capture if grounds else None)
-        encoder_share = self._embed(samples) if grounds else 0.0
-        encoded_now = set()
-        records = []
-        for sample, prompt, generation, load_s in zip(samples, prompts, generations, load_times):
+        for sample, generation in zip(samples, generations):
             if generation.sample_id != str(sample.id):
                 raise RuntimeError(f"generation for {generation.sample_id!r} came back for sample {sample.id!r}")
+        encoder_share = self._embed(samples) if grounds else 0.0
+        prepared = self._prepare_grounding(samples, generations) if grounds else [None] * len(samples)
+        encoded_now = set()
+        records = []
+        for sample, prompt, generation, load_s, ready in zip(samples, prompts, generations, load_times, prepared):
             timings: dict[str, Optional[float]] = {
                 "io_s": load_s,
                 "generate_s": generate_share,
@@ -224,13 +240,47 @@ class GroundingPipeline:
                 timings["sam_encoder_s"] = encoder_share if first_use else 0.0
                 result = self.ground(image, generation, sample_id=str(sample.id), expression=sample.expression,
                                      gt_mask=self._gt_mask(sample, image), embedding=self._embeddings[sample.id],
-                                     timings=timings)
+                                     timings=timings, prepared=ready)
                 record["grounding"] = self._grounding_record(result, sample, image, timings)
             else:
                 record["grounding"] = None
             record["timings"] = timings
             records.append(record)
         return records
+
+    def _prepare_grounding(self, samples: Sequence[Any], generations: Sequence[Any]) -> list["PreparedGrounding"]:
+        """Phrases and points of every answer of the batch (one spaCy pass), and their phrase vectors."""
+        from pixfound.grounding.phrases import phrases_from_generations
+
+        started = time.perf_counter()
+        parsed = phrases_from_generations(generations, self.adapter.tokenizer, self.nlp)
+        parse_share = (time.perf_counter() - started) / max(1, len(generations))
+        prepared = [self._phrase_points(generation, phrases, maps, parse_share)
+                    for generation, (phrases, maps) in zip(generations, parsed)]
+        if "similarity" in self.config.selects and self.vectors is not None:
+            from pixfound.grounding.similarity import normalize_phrase
+
+            started = time.perf_counter()
+            texts = [normalize_phrase(s.expression) for s in samples if isinstance(s.expression, str) and s.expression.strip()]
+            texts += [normalize_phrase(str(p.text)) for ready in prepared for p in ready.phrases]
+            self.vectors.prefetch(texts)
+            share = (time.perf_counter() - started) / max(1, len(samples))
+            for ready in prepared:
+                ready.vectors_s = share
+        return prepared
+
+    def _phrase_points(self, generation: Any, phrases: list, maps: Any, phrases_s: float) -> "PreparedGrounding":
+        """Zero the flat phrase maps and find each phrase's point prompt(s)."""
+        from pixfound.grounding.points import phrase_points
+
+        config = self.config
+        started = time.perf_counter()
+        maps = zero_flat_maps(maps, generation.maps)
+        phrases_s += time.perf_counter() - started
+        started = time.perf_counter()
+        points = phrase_points(maps, generation.geometry, point_rank=config.point_rank, num_points=config.num_points,
+                               backend=config.kernel_backend)
+        return PreparedGrounding(phrases, points, phrases_s=phrases_s, upsample_peak_s=time.perf_counter() - started)
 
     # -- pieces ---------------------------------------------------------------------------------
     def _base_record(self, sample: Any, protocol: int, prompt: str, generation: Any) -> dict:
@@ -278,37 +328,44 @@ class GroundingPipeline:
             out.update(correct=parsed == letter, correct_method="rule")
         return out
 
-    @staticmethod
-    def _gt_mask(sample: Any, image: Any) -> Optional[np.ndarray]:
+    def _gt_mask(self, sample: Any, image: Any) -> Optional[np.ndarray]:
+        """The sample's ground-truth mask (loaded once per batch), or None when it has none."""
+        if sample.id in self._gt_masks:
+            return self._gt_masks[sample.id]
         try:
             mask = np.asarray(sample.gt_mask, dtype=bool)
         except (ValueError, OSError) as error:
             logger.debug("sample %s has no usable ground truth: %s", sample.id, error)
-            return None
-        if mask.shape != (image.height, image.width):
+            mask = None
+        if mask is not None and mask.shape != (image.height, image.width):
             raise ValueError(f"sample {sample.id}: ground-truth mask is {mask.shape} but the image is "
                              f"{(image.height, image.width)} (H, W)")
+        self._gt_masks[sample.id] = mask
         return mask
 
     def ground(self, image: Any, generation: Any, *, sample_id: str, expression: Optional[str],
                gt_mask: Optional[np.ndarray], embedding: Any = None, timings: Optional[dict] = None,
-               selects: Optional[Sequence[str]] = None) -> GroundingResult:
-        """Phrases, points, SAM candidates and selections for one generated answer on ``image``."""
+               selects: Optional[Sequence[str]] = None, prepared: Optional["PreparedGrounding"] = None,
+               ) -> GroundingResult:
+        """Phrases, points, SAM candidates and selections for one generated answer on ``image``.
+
+        ``prepared`` holds the phrases and points when :meth:`process` computed them for the batch.
+        """
         import torch
 
-        from pixfound.grounding.phrases import phrases_from_generation
-        from pixfound.grounding.points import phrase_points
         from pixfound.grounding.select import build_candidates, select_judge, select_oracle, select_similarity
 
         timings = {} if timings is None else timings
         config = self.config
-        started = time.perf_counter()
-        phrases, maps = phrases_from_generation(generation, self.adapter.tokenizer, self.nlp)
-        maps = zero_flat_maps(maps, generation.maps)
-        timings["phrases_s"] = time.perf_counter() - started
-        started = time.perf_counter()
-        points = phrase_points(maps, generation.geometry, point_rank=config.point_rank, num_points=config.num_points)
-        timings["upsample_peak_s"] = time.perf_counter() - started
+        if prepared is None:
+            from pixfound.grounding.phrases import phrases_from_generation
+
+            started = time.perf_counter()
+            phrases, maps = phrases_from_generation(generation, self.adapter.tokenizer, self.nlp)
+            prepared = self._phrase_points(generation, phrases, maps, time.perf_counter() - started)
+        phrases, points = prepared.phrases, prepared.points
+        timings["phrases_s"] = prepared.phrases_s
+        timings["upsample_peak_s"] = prepared.upsample_peak_s
         height, width = image.height, image.width
         started = time.perf_counter()
         if phrases:
@@ -339,7 +396,8 @@ class GroundingPipeline:
                 selections[strategy] = select_judge(candidates, image, expression, self.judge)
             else:
                 raise ValueError(f"unknown selection strategy {strategy!r}")
-        timings["selection_s"] = time.perf_counter() - started
+        # this sample's share of the batch's phrase-vector call counts as selection time
+        timings["selection_s"] = prepared.vectors_s + time.perf_counter() - started
         return GroundingResult(phrases, points, masks, scores, candidates, selections)
 
     def _grounding_record(self, result: GroundingResult, sample: Any, image: Any, timings: dict) -> dict:
@@ -349,9 +407,16 @@ class GroundingPipeline:
         image_area = image.height * image.width
         gt_area = None if gt is None else int(gt.sum())
         started = time.perf_counter()
-        ious = candidate_ious(result.candidates, gt) if gt is not None and result.candidates else None
+        ious = None
+        if gt is not None and result.candidates:
+            oracle = result.selections.get("oracle")
+            known = None if oracle is None else oracle.info.get("ious")
+            # the oracle compared every candidate with this ground truth already
+            ious = known if known is not None and len(known) == len(result.candidates) else candidate_ious(
+                result.candidates, gt)
         timings["selection_s"] = (timings.get("selection_s") or 0.0) + time.perf_counter() - started
         started = time.perf_counter()  # from here on: IoUs of the selections and RLE encoding (I/O)
+        rles = self._candidate_rles(result) if self.config.save_candidates else None
         candidates = []
         for position, candidate in enumerate(result.candidates):
             entry = {
@@ -363,11 +428,14 @@ class GroundingPipeline:
                 "iou": None if ious is None else float(ious[position]),
             }
             if self.config.save_candidates:
-                entry["mask_rle"] = mask_to_rle(candidate.mask)
+                entry["mask_rle"] = rles[candidate.row] if rles is not None else mask_to_rle(candidate.mask)
             candidates.append(entry)
         selections = {}
         for strategy, selection in result.selections.items():
-            entry = selection.to_record(include_mask=True)
+            entry = selection.to_record(include_mask=False)
+            chosen = selection.candidate
+            entry["mask_rle"] = (rles[chosen.row] if rles is not None and chosen is not None
+                                 else mask_to_rle(selection.mask))
             pred_area = int(np.count_nonzero(selection.mask))
             iou = None if gt is None else metrics.iou(selection.mask, gt)
             entry.update(
@@ -385,6 +453,33 @@ class GroundingPipeline:
             "candidates": candidates,
             "selections": selections,
         }
+
+
+    @staticmethod
+    def _candidate_rles(result: GroundingResult) -> Optional[list]:
+        """RLE of every SAM mask, by candidate row, straight from the dense masks (no unpacking); None if unusable."""
+        from pixfound.grounding.select import masks_to_rle
+
+        masks = result.masks
+        if not result.candidates or getattr(masks, "ndim", 0) != 4:
+            return None
+        if any(c.packed is not result.candidates[0].packed for c in result.candidates):
+            return None
+        num_phrases, per_phrase, height, width = masks.shape
+        if len(result.candidates[0].packed) != num_phrases * per_phrase:
+            return None
+        return masks_to_rle(masks.reshape(num_phrases * per_phrase, height, width))
+
+
+@dataclasses.dataclass
+class PreparedGrounding:
+    """Phrases and point prompts of one answer, with the seconds spent on them (its share of batch work)."""
+
+    phrases: list            # pixfound.grounding.phrases.Phrase
+    points: Any              # int64 tensor [G, P, 2] (x, y)
+    phrases_s: float = 0.0
+    upsample_peak_s: float = 0.0
+    vectors_s: float = 0.0
 
 
 # A phrase map whose spread is below this fraction of the token maps' magnitude is float noise.

@@ -110,6 +110,7 @@ class EvalConfig:
     sam_checkpoint: Optional[str] = None
     sam_seed: int = 0
     sam_batch_size: int = 1
+    sam_dtype: str = "float32"  # autocast precision of the SAM encoder and decoder: float32, bfloat16, float16
     spacy_pipeline: Optional[str] = None
     phrase_vectors: str = "auto"
     batch_size: int = 4
@@ -148,6 +149,8 @@ class EvalConfig:
             raise ValueError(f"--select values must be among {STRATEGIES}, got {self.selects}")
         if "judge" in self.selects and self.judge.strip().lower() in ("", "none"):
             raise ValueError("--select judge needs a judge: pass --judge openai:MODEL or --judge hf:MODEL")
+        if self.sam_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"sam_dtype must be 'float32', 'bfloat16' or 'float16', got {self.sam_dtype!r}")
         if self.capture not in ("fused", "reference"):
             raise ValueError(f"capture must be 'fused' or 'reference', got {self.capture!r}")
         for name in ("batch_size", "max_new_tokens", "sam_batch_size", "synthetic_n", "point_rank", "num_points"):

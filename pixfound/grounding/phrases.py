@@ -42,6 +42,7 @@ __all__ = [
     "assign_tokens",
     "phrase_maps",
     "phrases_from_generation",
+    "phrases_from_generations",
 ]
 
 Span = tuple[int, int]
@@ -282,13 +283,19 @@ class Phrase:
         return dataclasses.asdict(self)
 
 
-def extract_phrases(text: str, nlp: Any) -> list[Phrase]:
-    """Noun chunks of ``text`` in order of appearance; a repeated chunk gives one phrase per occurrence."""
+def extract_phrases(text: str, nlp: Any, *, doc: Any = None) -> list[Phrase]:
+    """Noun chunks of ``text`` in order of appearance; a repeated chunk gives one phrase per occurrence.
+
+    ``doc`` is ``nlp(text)`` when the caller parsed it already (e.g. with ``nlp.pipe`` for a batch).
+    """
     if not isinstance(text, str):
         raise ValueError(f"text must be a str, got {type(text).__name__}")
     if not text.strip():
         return []
-    doc = nlp(text)
+    if doc is None:
+        doc = nlp(text)
+    elif doc.text != text:
+        raise ValueError(f"doc was parsed from {doc.text!r}, not from the text {text!r}")
     return [
         Phrase(index=i, text=chunk.text, root=chunk.root.text, char_start=chunk.start_char,
                char_end=chunk.end_char, position_pct=chunk.start_char / len(text) * 100.0)
@@ -336,12 +343,13 @@ def phrase_maps(maps: torch.Tensor, phrases: Sequence[Phrase]) -> torch.Tensor:
 
 def phrases_from_generation(generation: Generation, tokenizer: Any, nlp: Any,
                             *, span_method: Literal["auto", "offsets", "decode"] = "auto",
-                            ) -> tuple[list[Phrase], torch.Tensor]:
+                            doc: Any = None) -> tuple[list[Phrase], torch.Tensor]:
     """Phrases of a generation's answer and their maps [G, h, w].
 
     The answer text is re-decoded from ``generation.token_ids`` (the module's text convention).
     Phrases that no token overlaps are dropped and the rest re-indexed so ``phrase.index`` is the
-    row in the maps. An answer without noun chunks gives ``([], empty [0, h, w])``.
+    row in the maps. An answer without noun chunks gives ``([], empty [0, h, w])``. ``doc`` is the
+    answer text already parsed by ``nlp`` (see :func:`phrases_from_generations`).
     """
     if generation.maps is None:
         raise ValueError(f"generation {generation.sample_id!r} has no attention maps (run with capture on)")
@@ -351,8 +359,22 @@ def phrases_from_generation(generation: Generation, tokenizer: Any, nlp: Any,
                          f"its {len(generation.token_ids)} token ids")
     text = answer_text(tokenizer, generation.token_ids)
     spans = token_char_spans(tokenizer, generation.token_ids, method=span_method)
-    phrases = [p for p in assign_tokens(extract_phrases(text, nlp), spans) if p.token_indices]
+    phrases = [p for p in assign_tokens(extract_phrases(text, nlp, doc=doc), spans) if p.token_indices]
     phrases = [dataclasses.replace(p, index=i) for i, p in enumerate(phrases)]
     if not phrases:
         return [], maps.new_zeros((0,) + tuple(maps.shape[1:]), dtype=torch.float32)
     return phrases, phrase_maps(maps, phrases)
+
+
+def phrases_from_generations(generations: Sequence[Generation], tokenizer: Any, nlp: Any,
+                             *, span_method: Literal["auto", "offsets", "decode"] = "auto",
+                             ) -> list[tuple[list[Phrase], torch.Tensor]]:
+    """:func:`phrases_from_generation` for a batch, with all answers parsed in one ``nlp.pipe`` pass.
+
+    spaCy parses a batch about twice as fast as one text at a time, with the same noun chunks.
+    """
+    texts = [answer_text(tokenizer, g.token_ids) for g in generations]
+    to_parse = [t for t in dict.fromkeys(texts) if t.strip()]
+    docs = dict(zip(to_parse, nlp.pipe(to_parse))) if to_parse else {}
+    return [phrases_from_generation(g, tokenizer, nlp, span_method=span_method, doc=docs.get(text))
+            for g, text in zip(generations, texts)]

@@ -45,6 +45,7 @@ __all__ = [
     "exists_prompt",
     "choice_prompt",
     "mask_to_rle",
+    "masks_to_rle",
     "rle_to_mask",
     "SIMILARITY_THRESHOLD",
 ]
@@ -66,6 +67,21 @@ def mask_to_rle(mask: np.ndarray) -> dict:
         raise ValueError(f"mask_to_rle expects a 2-d mask [H, W], got shape {mask.shape}")
     rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def masks_to_rle(masks: Any) -> list[dict]:
+    """:func:`mask_to_rle` of each mask of ``masks`` [N, H, W] (bool/uint8, NumPy or torch), in one encoder call."""
+    from pycocotools import mask as coco_mask
+
+    masks = _to_numpy(masks, "masks")
+    if masks.ndim != 3:
+        raise ValueError(f"masks_to_rle expects masks [N, H, W], got shape {masks.shape}")
+    if masks.shape[0] == 0:
+        return []
+    # pycocotools reads [H, W, N] in column-major order: each mask is one contiguous column-major block.
+    columns = np.asfortranarray(masks.astype(np.uint8, copy=False).transpose(1, 2, 0))
+    return [{"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")}
+            for r in coco_mask.encode(columns)]
 
 
 def rle_to_mask(rle: dict) -> np.ndarray:

@@ -12,9 +12,16 @@ Two backends, each with a ``name`` that results record:
 
 ``load_phrase_vectors("auto")`` takes spaCy vectors when a pipeline with vectors is given or
 installed, otherwise the bundled MiniLM, otherwise it stops with an error that says what to install.
+
+:class:`CachedPhraseVectors` wraps either backend for the evaluation pipeline: each distinct text
+is encoded once per process, and the texts a batch of samples needs are encoded in one call
+(:meth:`CachedPhraseVectors.prefetch`). A sentence-embedding model's vector of a text can differ
+in the last float bits with the other texts of its call (padding and matrix shapes; about 1e-7
+for MiniLM); the cache keeps the first one, so one text has one vector throughout a run.
 """
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
@@ -24,6 +31,7 @@ import numpy as np
 from pixfound.eval.prompts import strip_article
 
 __all__ = [
+    "CachedPhraseVectors",
     "PhraseVectors",
     "SpacyVectors",
     "SentenceTransformerVectors",
@@ -171,6 +179,81 @@ class SentenceTransformerVectors:
 
     def __repr__(self) -> str:
         return f"SentenceTransformerVectors({self.name!r})"
+
+
+class CachedPhraseVectors:
+    """A :class:`PhraseVectors` backend with a per-text memo; same ``name`` and vectors as the backend.
+
+    ``encode(texts)`` returns the stored vector of every text seen before and encodes the others
+    (each distinct text once, all of them in a single backend call). At most ``max_entries``
+    texts are kept (least recently used dropped first).
+    """
+
+    def __init__(self, backend: PhraseVectors, *, max_entries: int = 16384):
+        if isinstance(backend, CachedPhraseVectors):
+            backend = backend.backend
+        if not hasattr(backend, "encode"):
+            raise ValueError(f"backend must have an encode(texts) method, got {type(backend).__name__}")
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self.backend = backend
+        self.name = getattr(backend, "name", type(backend).__name__)
+        self.max_entries = int(max_entries)
+        self._vectors: "collections.OrderedDict[str, np.ndarray]" = collections.OrderedDict()
+        self._width: Optional[int] = None
+        self.hits = 0
+        self.misses = 0
+        self.backend_calls = 0
+
+    def __len__(self) -> int:
+        return len(self._vectors)
+
+    def prefetch(self, texts: Sequence[str]) -> None:
+        """Encode the texts not cached yet, all in one backend call."""
+        self._lookup(texts)
+
+    def _lookup(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Vector of every distinct text of ``texts``, encoding the missing ones in one backend call."""
+        for text in texts:
+            if not isinstance(text, str):
+                raise ValueError(f"phrase-vector texts must be str, got {type(text).__name__}: {text!r}")
+        found: dict[str, np.ndarray] = {}
+        missing = []
+        for text in dict.fromkeys(texts):
+            if text in self._vectors:
+                self._vectors.move_to_end(text)  # recently used: evicted last
+                found[text] = self._vectors[text]
+            else:
+                missing.append(text)
+        self.hits += len(found)
+        if missing:
+            vectors = np.asarray(self.backend.encode(missing), dtype=np.float32)
+            self.backend_calls += 1
+            if vectors.ndim != 2 or vectors.shape[0] != len(missing):
+                raise ValueError(f"{self.name}.encode returned shape {vectors.shape} for {len(missing)} texts; "
+                                 "expected [N, D]")
+            self._width = int(vectors.shape[1])
+            self.misses += len(missing)
+            for text, row in zip(missing, vectors):
+                row = row.copy()
+                row.setflags(write=False)
+                found[text] = self._vectors[text] = row
+            while len(self._vectors) > self.max_entries:
+                self._vectors.popitem(last=False)
+        return found
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Vectors float32 [len(texts), D], from the cache where possible."""
+        texts = list(texts)
+        if not texts:
+            if self._width is None:
+                return np.asarray(self.backend.encode([]), dtype=np.float32)
+            return np.zeros((0, self._width), dtype=np.float32)
+        found = self._lookup(texts)
+        return np.stack([found[text] for text in texts])
+
+    def __repr__(self) -> str:
+        return f"CachedPhraseVectors({self.backend!r}, {len(self)} texts)"
 
 
 def _installed_spacy_vector_pipeline() -> Optional[str]:
