@@ -206,6 +206,13 @@ def image_attention_reference(
     The result is float32, or float64 when ``compute_dtype`` is float64.
     """
     checked = _check_inputs(q, k, image_start, image_len, key_start, key_end, scale, validate, num_image_keys)
+    return _reference_math(q, k, checked, float(scale), compute_dtype)
+
+
+def _reference_math(
+    q: torch.Tensor, k: torch.Tensor, checked: _Inputs, scale: float, compute_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The reference computation on already checked inputs (the wrapper checks once, not twice)."""
     batch, heads_q, rows, _ = q.shape
     heads_kv, num_keys = k.shape[1], k.shape[2]
     width = checked.num_image_keys
@@ -426,15 +433,5 @@ def image_attention(
     """
     checked = _check_inputs(q, k, image_start, image_len, key_start, key_end, scale, validate, num_image_keys)
     if resolve_backend(backend, q, k) == "torch":
-        return image_attention_reference(
-            q,
-            k,
-            image_start=checked.image_start,
-            image_len=checked.image_len,
-            key_start=checked.key_start,
-            key_end=checked.key_end,
-            scale=scale,
-            validate=False,
-            num_image_keys=checked.num_image_keys,
-        )
+        return _reference_math(q, k, checked, float(scale))
     return _image_attention_triton(q, k, checked, float(scale))
