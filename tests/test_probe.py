@@ -347,3 +347,13 @@ def test_token_maps_cuts_at_stop_ids_and_maps_cells():
     assert extra0["base"][0].shape == (2, 1, 1) and extra1 == {}
     with pytest.raises(ValueError, match="one map per generated token"):
         probe.token_maps(steps, layouts, generated[:, :3], stop_ids={9})
+
+
+def test_fused_capture_reports_its_in_layer_time():
+    adapter = tiny_model("llava", seed=0)
+    samples = [make_sample(0, IMAGE_SIZES["llava"][0])]
+    recorder = probe.ImageAttentionCapture(adapter.model, image_start=[0], image_len=[1])
+    assert recorder.capture_seconds() == 0.0  # nothing recorded yet
+    (generation,) = adapter.generate(samples, PROMPTS[:1], max_new_tokens=3, capture="fused")
+    # The in-layer kernel time is now part of capture_s, and it cannot exceed the whole generate.
+    assert 0.0 < generation.timings["capture_s"] <= generation.timings["generate_s"]

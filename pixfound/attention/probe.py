@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -163,6 +164,40 @@ def _query_row(first_token_row: str, step: int, q_len: int) -> int:
     return q_len - 2
 
 
+class _InLayerTimer:
+    """Time spent in the capture's own work inside the attention layers.
+
+    On the host a perf_counter pair per layer; on CUDA an event pair per layer, read once at the
+    end (reading them earlier would synchronise every layer).
+    """
+
+    def __init__(self) -> None:
+        self.host_seconds = 0.0
+        self._events: list[tuple[Any, Any]] = []
+
+    def start(self, device: torch.device) -> Any:
+        if device.type == "cuda":
+            begin = torch.cuda.Event(enable_timing=True)
+            begin.record()
+            return begin
+        return time.perf_counter()
+
+    def stop(self, begin: Any) -> None:
+        if isinstance(begin, float):
+            self.host_seconds += time.perf_counter() - begin
+        else:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((begin, end))
+
+    def seconds(self) -> float:
+        if self._events:
+            self._events[-1][1].synchronize()
+            self.host_seconds += sum(b.elapsed_time(e) for b, e in self._events) / 1000.0
+            self._events.clear()
+        return self.host_seconds
+
+
 class ImageAttentionCapture:
     """Context manager that records fused image-attention maps while ``model.generate`` runs.
 
@@ -228,6 +263,7 @@ class ImageAttentionCapture:
         self._hook = None
         self._attn_context = None
         self._result: Optional[torch.Tensor] = None
+        self._timer = _InLayerTimer()
 
     # -- context manager ------------------------------------------------------------------------
     def __enter__(self) -> "ImageAttentionCapture":
@@ -326,6 +362,7 @@ class ImageAttentionCapture:
         self, query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor], scaling: float
     ) -> None:
         row, key_start, key_end = self._rows_and_ranges(query, key, attention_mask)
+        began = self._timer.start(query.device)
         probs = image_attention(
             query[:, :, row : row + 1],
             key,
@@ -343,6 +380,11 @@ class ImageAttentionCapture:
         else:
             self._step_sum.add_(probs)
         self._step_layers += 1
+        self._timer.stop(began)
+
+    def capture_seconds(self) -> float:
+        """Seconds the capture itself spent inside the attention layers (the kernel and its bookkeeping)."""
+        return self._timer.seconds()
 
     def _finish(self) -> torch.Tensor:
         wrong = [(i, n) for i, n in enumerate(self._layer_counts) if n != self.num_layers]

@@ -338,6 +338,7 @@ class VisionLanguageAdapter(abc.ABC):
             started = time.perf_counter()
             step_maps = None
             generated_at = None  # when generate returned, before the maps are gathered
+            capture_in_layers = 0.0  # fused: the capture's own time inside the attention layers
             with torch.inference_mode():
                 if capture == "fused":
                     with probe.ImageAttentionCapture(
@@ -351,6 +352,7 @@ class VisionLanguageAdapter(abc.ABC):
                         sequences = self.model.generate(**batch.inputs, **gen_kwargs)
                         generated_at = time.perf_counter()
                     step_maps = recorder.step_maps()
+                    capture_in_layers = recorder.capture_seconds()
                 elif capture == "reference":
                     with self.text_attention("eager"):
                         out = self.model.generate(
@@ -374,8 +376,9 @@ class VisionLanguageAdapter(abc.ABC):
             )
             finished = time.perf_counter()
             elapsed = finished - started
-            # Gathering the maps after generate; the fused kernel's share inside generate is not separable.
-            capture_after = 0.0 if generated_at is None else finished - generated_at
+            # Fused: the in-layer capture work plus gathering the maps after generate. Reference: only the
+            # gathering (its cost inside generate is eager attention with output_attentions, not separable).
+            capture_after = capture_in_layers + (0.0 if generated_at is None else finished - generated_at)
             steps = generated.shape[1]
             for row, sample in enumerate(chunk):
                 ids = generated[row].tolist()
