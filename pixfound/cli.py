@@ -124,7 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--select", default=None,
                     help="mask selection: oracle,similarity,judge (default: oracle,similarity, plus judge with --judge)")
     ev.add_argument("--batch-size", type=_positive_int, default=4, help="samples per generate call (default 4)")
-    ev.add_argument("--sam-batch-size", type=_positive_int, default=1, help="images per SAM encoder call (default 1)")
+    ev.add_argument("--sam-batch-size", type=_positive_int, default=None,
+                    help="images per SAM encoder call (default: --batch-size)")
+    ev.add_argument("--sam-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                    help="SAM encoder/decoder precision (default float32; bfloat16 is faster on GPUs)")
     ev.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N samples")
     ev.add_argument("--seed", type=_non_negative_int, default=0, help="seed (sampling, tiny weights)")
     ev.add_argument("--do-sample", action="store_true",
@@ -287,7 +290,8 @@ def _eval_config(args: argparse.Namespace) -> Any:
         synthetic_n=args.synthetic_n, synthetic_seed=args.synthetic_seed, limit=args.limit, protocols=protocols,
         capture=args.capture, selects=selects, judge=judge, judge_base_url=args.judge_base_url,
         sam_model=sam_model, sam_checkpoint=sam_checkpoint, sam_seed=args.sam_seed,
-        sam_batch_size=args.sam_batch_size, spacy_pipeline=args.spacy_pipeline, phrase_vectors=args.phrase_vectors,
+        sam_batch_size=args.sam_batch_size or args.batch_size, sam_dtype=args.sam_dtype,
+        spacy_pipeline=args.spacy_pipeline, phrase_vectors=args.phrase_vectors,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=args.seed, do_sample=args.do_sample,
         temperature=args.temperature, first_token_row=args.first_token_row, point_rank=args.point_rank,
         num_points=args.num_points, kernel_backend=args.kernel_backend, vqa_template=args.vqa_template,

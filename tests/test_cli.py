@@ -355,3 +355,13 @@ def test_default_selection_without_phrase_vectors_is_oracle_only(monkeypatch):
     args = cli.build_parser().parse_args(["eval", "--output", "x", "--judge", "openai:gpt-4o"])
     assert cli._eval_config(args).selects == ("oracle", "similarity", "judge")
 
+
+
+def test_sam_precision_and_encoder_batch_flags_reach_the_config():
+    from pixfound.cli import _eval_config, build_parser
+
+    config = _eval_config(build_parser().parse_args(["eval", "--batch-size", "6", "--sam-dtype", "bfloat16",
+                                                     "--output", "unused"]))
+    assert config.sam_dtype == "bfloat16" and config.sam_batch_size == 6  # encoder batch follows --batch-size
+    config = _eval_config(build_parser().parse_args(["eval", "--sam-batch-size", "2", "--output", "unused"]))
+    assert config.sam_dtype == "float32" and config.sam_batch_size == 2
