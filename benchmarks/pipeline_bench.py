@@ -293,7 +293,6 @@ def run_published_recipe(samples: Sequence[Any], adapter: Any, segmenter: Any, *
     from segment_anything import SamPredictor
 
     from pixfound.eval import metrics
-    from pixfound.eval.pipeline import zero_flat_maps
     from pixfound.eval.prompts import build_prompt
     from pixfound.eval.runner import record_key
     from pixfound.grounding.phrases import phrases_from_generation
@@ -330,7 +329,6 @@ def run_published_recipe(samples: Sequence[Any], adapter: Any, segmenter: Any, *
 
                 started = time.perf_counter()
                 phrases, maps = phrases_from_generation(generation, adapter.tokenizer, nlp)
-                maps = zero_flat_maps(maps, generation.maps)
                 stages["phrases"] += time.perf_counter() - started
 
                 started = time.perf_counter()

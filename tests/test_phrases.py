@@ -335,3 +335,18 @@ def test_phrases_from_generation_checks_maps(tokenizer, nlp):
     generation.maps = None
     with pytest.raises(ValueError, match="no attention maps"):
         ph.phrases_from_generation(generation, tokenizer, nlp)
+
+
+def test_flat_phrase_maps_become_exact_zeros():
+    import torch
+
+    from pixfound.grounding.phrases import zero_flat_maps
+
+    token_maps = torch.rand(5, 4, 6, generator=torch.Generator().manual_seed(0))
+    noise = 1e-9 * torch.rand(4, 6, generator=torch.Generator().manual_seed(1))  # a phrase spanning every token
+    informative = token_maps[2] - token_maps.mean(dim=0)
+    out = zero_flat_maps(torch.stack([noise, informative]), token_maps)
+    assert torch.equal(out[0], torch.zeros(4, 6))
+    assert torch.equal(out[1], informative)
+    empty = torch.zeros(0, 4, 6)
+    assert zero_flat_maps(empty, token_maps).shape == (0, 4, 6)

@@ -417,18 +417,3 @@ def test_sigkill_mid_run_then_resume_gives_the_same_summary(tmp_path):
                        for r in reference_records]
     assert masks == reference_masks
     assert np.isfinite(summary_reference["table"][0]["M"])
-
-
-def test_flat_phrase_maps_become_exact_zeros():
-    import torch
-
-    from pixfound.eval.pipeline import zero_flat_maps
-
-    token_maps = torch.rand(5, 4, 6, generator=torch.Generator().manual_seed(0))
-    noise = 1e-9 * torch.rand(4, 6, generator=torch.Generator().manual_seed(1))  # a phrase spanning every token
-    informative = token_maps[2] - token_maps.mean(dim=0)
-    out = zero_flat_maps(torch.stack([noise, informative]), token_maps)
-    assert torch.equal(out[0], torch.zeros(4, 6))
-    assert torch.equal(out[1], informative)
-    empty = torch.zeros(0, 4, 6)
-    assert zero_flat_maps(empty, token_maps).shape == (0, 4, 6)

@@ -48,7 +48,6 @@ __all__ = [
     "load_segmenter",
     "torch_dtype",
     "worker_device",
-    "zero_flat_maps",
 ]
 
 logger = logging.getLogger("pixfound.eval")
@@ -270,13 +269,10 @@ class GroundingPipeline:
         return prepared
 
     def _phrase_points(self, generation: Any, phrases: list, maps: Any, phrases_s: float) -> "PreparedGrounding":
-        """Zero the flat phrase maps and find each phrase's point prompt(s)."""
+        """Each phrase's point prompt(s)."""
         from pixfound.grounding.points import phrase_points
 
         config = self.config
-        started = time.perf_counter()
-        maps = zero_flat_maps(maps, generation.maps)
-        phrases_s += time.perf_counter() - started
         started = time.perf_counter()
         points = phrase_points(maps, generation.geometry, point_rank=config.point_rank, num_points=config.num_points,
                                backend=config.kernel_backend)
@@ -480,33 +476,6 @@ class PreparedGrounding:
     phrases_s: float = 0.0
     upsample_peak_s: float = 0.0
     vectors_s: float = 0.0
-
-
-# A phrase map whose spread is below this fraction of the token maps' magnitude is float noise.
-FLAT_MAP_TOLERANCE = 1e-6
-
-
-def zero_flat_maps(phrase_maps: Any, token_maps: Any, *, tolerance: float = FLAT_MAP_TOLERANCE) -> Any:
-    """Phrase maps with the flat ones set to exactly zero.
-
-    A phrase that covers every generated token has a map of the mean-subtracted token maps
-    averaged over all tokens: zero up to rounding. Its argmax is then decided by float noise of
-    order 1e-9, which changes with batch composition and kernel; a zero map makes the point
-    deterministic (the first pixel, as ``torch.argmax`` of a constant map gives).
-    """
-    import torch
-
-    if phrase_maps.shape[0] == 0 or token_maps is None or token_maps.numel() == 0:
-        return phrase_maps
-    scale = float(token_maps.abs().max())
-    flat = phrase_maps.flatten(1)
-    spread = flat.max(dim=1).values - flat.min(dim=1).values
-    is_flat = spread <= tolerance * max(scale, torch.finfo(torch.float32).tiny)
-    if not bool(is_flat.any()):
-        return phrase_maps
-    out = phrase_maps.clone()
-    out[is_flat] = 0.0
-    return out
 
 
 def _empty_selection(strategy: str, shape: tuple[int, int], reason: str) -> Any:

@@ -43,6 +43,7 @@ __all__ = [
     "phrase_maps",
     "phrases_from_generation",
     "phrases_from_generations",
+    "zero_flat_maps",
 ]
 
 Span = tuple[int, int]
@@ -363,7 +364,32 @@ def phrases_from_generation(generation: Generation, tokenizer: Any, nlp: Any,
     phrases = [dataclasses.replace(p, index=i) for i, p in enumerate(phrases)]
     if not phrases:
         return [], maps.new_zeros((0,) + tuple(maps.shape[1:]), dtype=torch.float32)
-    return phrases, phrase_maps(maps, phrases)
+    return phrases, zero_flat_maps(phrase_maps(maps, phrases), maps)
+
+
+# A phrase map whose spread is below this fraction of the token maps' magnitude is float noise.
+FLAT_MAP_TOLERANCE = 1e-6
+
+
+def zero_flat_maps(phrase_maps: Any, token_maps: Any, *, tolerance: float = FLAT_MAP_TOLERANCE) -> Any:
+    """Phrase maps with the flat ones set to exactly zero.
+
+    A phrase that covers every generated token has a map of the mean-subtracted token maps
+    averaged over all tokens: zero up to rounding. Its argmax is then decided by float noise of
+    order 1e-9, which changes with batch composition and kernel; a zero map makes the point
+    deterministic (the first pixel, as ``torch.argmax`` of a constant map gives).
+    """
+    if phrase_maps.shape[0] == 0 or token_maps is None or token_maps.numel() == 0:
+        return phrase_maps
+    scale = float(token_maps.abs().max())
+    flat = phrase_maps.flatten(1)
+    spread = flat.max(dim=1).values - flat.min(dim=1).values
+    is_flat = spread <= tolerance * max(scale, torch.finfo(torch.float32).tiny)
+    if not bool(is_flat.any()):
+        return phrase_maps
+    out = phrase_maps.clone()
+    out[is_flat] = 0.0
+    return out
 
 
 def phrases_from_generations(generations: Sequence[Generation], tokenizer: Any, nlp: Any,
