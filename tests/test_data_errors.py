@@ -465,7 +465,7 @@ def test_unknown_option_lists_accepted_ones(mmvp):
 
 
 def test_root_required_and_checked(tmp_path):
-    with pytest.raises(ValueError, match="needs root"):
+    with pytest.raises(ValueError, match="needs a data root"):
         load_benchmark("pixcvbench")
     with pytest.raises(FileNotFoundError, match="root folder not found"):
         load_benchmark("pixmmvp", tmp_path / "nowhere")

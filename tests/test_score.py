@@ -115,6 +115,6 @@ def test_score_command_errors(tmp_path, capsys):
     assert cli.main(["score", "--preds", str(tmp_path / "nope"), "--benchmark", "synthetic"]) == 2
     assert "is not a directory" in capsys.readouterr().err
     assert cli.main(["score", "--preds", str(tmp_path), "--benchmark", "pixmmvp"]) == 2
-    assert "needs --data-root" in capsys.readouterr().err
+    assert "needs a data root" in capsys.readouterr().err
     assert cli.main(["score", "--preds", str(tmp_path), "--benchmark", "mmvp"]) == 2
     assert "unknown benchmark 'mmvp'" in capsys.readouterr().err

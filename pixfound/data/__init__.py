@@ -48,7 +48,7 @@ def load_benchmark(name: str, root: Optional[Union[str, pathlib.Path]] = None, *
     if unknown:
         raise ValueError(f"benchmark {key!r} does not take option(s) {unknown}; it takes {accepted}")
     if key != "synthetic" and root is None:
-        raise ValueError(f"benchmark {key!r} needs root=<folder with its files>")
+        raise ValueError(f"benchmark {key!r} needs a data root: the folder with its files (--data-root DIR)")
     return loader(root, **options)
 
 

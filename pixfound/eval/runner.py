@@ -837,15 +837,8 @@ def load_samples(config: EvalConfig) -> Any:
     from pixfound.data import load_benchmark
 
     if config.benchmark == "synthetic":
-        if config.data_root is not None:
-            raise ValueError("--data-root is not used by the synthetic benchmark (it is generated in code)")
-        return load_benchmark("synthetic", n=config.synthetic_n, seed=config.synthetic_seed)
-    if config.data_root is None:
-        raise ValueError(f"--benchmark {config.benchmark} needs --data-root DIR (the folder with its files)")
-    root = pathlib.Path(config.data_root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--data-root {root} does not exist or is not a directory")
-    return load_benchmark(config.benchmark, root, strict=config.strict)
+        return load_benchmark("synthetic", config.data_root, n=config.synthetic_n, seed=config.synthetic_seed)
+    return load_benchmark(config.benchmark, config.data_root, strict=config.strict)
 
 
 def report_skipped(samples: Any, *, limit: int = 20) -> list[str]:
