@@ -124,19 +124,18 @@ def build_llava_adapter(spec: LlavaSpec, device: str, dtype: Any, *, seed: int =
     """
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-    from transformers.models.llava.image_processing_llava import LlavaImageProcessor
-    from transformers.models.llava.processing_llava import LlavaProcessor
 
     from pixfound.models.llava import VICUNA_SYSTEM_PROMPT, LlavaAdapter
-    from pixfound.models.tiny import _LLAVA_TEMPLATE, _llava_tokenizer
+    from pixfound.models.tiny import llava_word_processor
 
-    tokenizer = _llava_tokenizer()
-    word_vocab = len(tokenizer.get_vocab())
-    if spec.vocab_size < word_vocab:
-        raise ValueError(f"spec {spec.name!r}: vocab_size {spec.vocab_size} is below the tokenizer's {word_vocab} ids")
     if spec.image_size % spec.patch_size:
         raise ValueError(f"spec {spec.name!r}: image_size {spec.image_size} is not a multiple of "
                          f"patch_size {spec.patch_size}")
+    processor = llava_word_processor(spec.image_size, spec.patch_size)
+    tokenizer = processor.tokenizer
+    word_vocab = len(tokenizer.get_vocab())
+    if spec.vocab_size < word_vocab:
+        raise ValueError(f"spec {spec.name!r}: vocab_size {spec.vocab_size} is below the tokenizer's {word_vocab} ids")
     text = LlamaConfig(
         vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.text_layers, num_attention_heads=spec.num_heads,
@@ -172,15 +171,6 @@ def build_llava_adapter(spec: LlavaSpec, device: str, dtype: Any, *, seed: int =
     generation.bos_token_id = tokenizer.bos_token_id
     generation.do_sample = False
     generation.temperature = generation.top_p = generation.top_k = None
-    processor = LlavaProcessor(
-        image_processor=LlavaImageProcessor(
-            size={"shortest_edge": spec.image_size},
-            crop_size={"height": spec.image_size, "width": spec.image_size},
-            do_pad=True,
-        ),
-        tokenizer=tokenizer, patch_size=spec.patch_size, vision_feature_select_strategy="default",
-        chat_template=_LLAVA_TEMPLATE, num_additional_image_tokens=1,
-    )
     return LlavaAdapter(model, processor, name=spec.name, system_prompt=VICUNA_SYSTEM_PROMPT)
 
 

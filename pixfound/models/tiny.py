@@ -210,6 +210,30 @@ def _llava_tokenizer() -> Any:
     )
 
 
+def llava_word_processor(image_size: int, patch_size: int) -> Any:
+    """A LLaVA-1.5 processor over the in-code word tokenizer: chat template, pad-to-square images.
+
+    ``(image_size // patch_size) ** 2`` image tokens per image. The processor's tokenizer is
+    ``processor.tokenizer``. Used by the random builders here and by the GPU benchmark.
+    """
+    from transformers.models.llava.image_processing_llava import LlavaImageProcessor
+    from transformers.models.llava.processing_llava import LlavaProcessor
+
+    image_processor = LlavaImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_pad=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=_llava_tokenizer(),
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=_LLAVA_TEMPLATE,
+        num_additional_image_tokens=1,
+    )
+
+
 def tiny_llava(seed: int = 0) -> Any:
     """Tiny LLaVA-1.5: CLIP vision (5x5 patch grid), Llama text with GQA; pads images to a square."""
     return build_random_llava(seed)
@@ -234,8 +258,6 @@ def build_random_llava(
     the text model with ``text_layers``, ``hidden_size`` and the head counts.
     """
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-    from transformers.models.llava.image_processing_llava import LlavaImageProcessor
-    from transformers.models.llava.processing_llava import LlavaProcessor
 
     from pixfound.models.llava import LlavaAdapter
 
@@ -246,7 +268,8 @@ def build_random_llava(
         )
     if image_size % patch_size:
         raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
-    tokenizer = _llava_tokenizer()
+    processor = llava_word_processor(image_size, patch_size)
+    tokenizer = processor.tokenizer
     vocab_size = len(tokenizer.get_vocab())
     side = image_size // patch_size
     text = _text_config_kwargs(vocab_size, tokenizer)
@@ -265,19 +288,6 @@ def build_random_llava(
         image_seq_length=side * side,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
-    )
-    image_processor = LlavaImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        do_pad=True,
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        chat_template=_LLAVA_TEMPLATE,
-        num_additional_image_tokens=1,
     )
     model = _build(LlavaForConditionalGeneration, config, tokenizer, seed)
     return LlavaAdapter(model, processor, name=name, system_prompt=None)
