@@ -1,6 +1,7 @@
 // pixfound._C: the compiled core. Thin bindings; argument checks live beside each op.
 #include <pybind11/pybind11.h>
 
+#include "image_attention.hpp"
 #include "mask_iou.hpp"
 #include "peaks.hpp"
 
@@ -23,6 +24,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("local_peaks", &pixfound::local_peaks, py::arg("map"), py::arg("min_distance"), py::arg("threshold"),
         py::arg("border_width"), py::arg("num_peaks"),
         "Local maxima (x, y) of a float map [H,W], strongest first, as skimage.feature.peak_local_max.");
+  m.def("image_attention", &pixfound::image_attention, py::arg("q"), py::arg("k"), py::arg("image_start"),
+        py::arg("image_len"), py::arg("key_start"), py::arg("key_end"), py::arg("scale"), py::arg("num_image_keys"),
+        "Head-mean softmax of float32 query rows [B,Hq,R,D] over keys [B,Hkv,L,D], image keys only -> [B,R,N].");
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

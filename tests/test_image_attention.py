@@ -333,3 +333,53 @@ def test_native_cuda_kernel_at_model_sizes(dtype: torch.dtype) -> None:
         else:
             baseline_error = (run_reference(inputs, compute_dtype=dtype).double() - exact).abs().max().item()
             assert (got.double() - exact).abs().max().item() <= 2 * baseline_error + 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# The C++ host path (backend="cpp"; what "auto" runs for float32 CPU tensors without the interpreter)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_cpp_matches_reference_fp32(case: Case) -> None:
+    inputs = make_inputs(case, seed=case.num_keys * 3 + case.heads_kv)
+    got = image_attention(inputs.q, inputs.k, backend="cpp", **inputs.kwargs())
+    assert got.dtype == torch.float32 and got.shape == (case.batch, case.rows, int(inputs.image_len.max()))
+    torch.testing.assert_close(got, run_reference(inputs), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.double(), run_reference(inputs, compute_dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_cpp_reads_strided_views_clamps_indices_and_gives_zero_rows() -> None:
+    case = Case(batch=3, heads_q=4, heads_kv=2, rows=2, num_keys=41, head_dim=8, image_at="straddle")
+    inputs = make_inputs(case, seed=5)
+    # Views transposed from [B, L, H, D], as attention layers hold them.
+    q_view = inputs.q.transpose(1, 2).contiguous().transpose(1, 2)
+    k_view = inputs.k.transpose(1, 2).contiguous().transpose(1, 2)
+    got = image_attention(q_view, k_view, backend="cpp", **inputs.kwargs())
+    torch.testing.assert_close(got, run_reference(inputs), atol=1e-6, rtol=0)
+    wild = replace(inputs, key_end=inputs.key_end + 1000, key_start=inputs.key_start - 1000)
+    widened = replace(inputs, key_end=torch.full_like(inputs.key_end, case.num_keys),
+                      key_start=torch.zeros_like(inputs.key_start))
+    torch.testing.assert_close(image_attention(wild.q, wild.k, backend="cpp", validate=False, **wild.kwargs()),
+                               run_reference(widened), atol=1e-6, rtol=0)
+    empty = replace(inputs, key_end=inputs.key_start[:, None].expand(-1, case.rows).clone())
+    out = image_attention(empty.q, empty.k, backend="cpp", **empty.kwargs())
+    assert torch.isfinite(out).all() and (out == 0).all()
+
+
+def test_cpp_backend_needs_float32_host_tensors_and_rejects_bad_arrays() -> None:
+    import numpy as np
+
+    from pixfound import _C
+
+    inputs = make_inputs(CASES[2], dtype=torch.bfloat16, seed=3)
+    with pytest.raises(ValueError, match="backend='cpp' takes float32 CPU tensors"):
+        image_attention(inputs.q, inputs.k, backend="cpp", **inputs.kwargs())
+    q = np.zeros((1, 2, 1, 4), np.float32)
+    k = np.zeros((1, 1, 5, 4), np.float32)
+    index = np.zeros(1, np.int64)
+    with pytest.raises(ValueError, match="k must be float32"):
+        _C.image_attention(q, k.astype(np.float64), index, index, index, np.zeros((1, 1), np.int64), 1.0, 1)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _C.image_attention(q, np.zeros((1, 1, 5, 8), np.float32)[..., ::2], index, index, index,
+                           np.zeros((1, 1), np.int64), 1.0, 1)
+    with pytest.raises(ValueError, match="key_end has shape"):
+        _C.image_attention(q, k, index, index, index, np.zeros((1, 2), np.int64), 1.0, 1)

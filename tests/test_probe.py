@@ -76,6 +76,16 @@ def test_fused_matches_reference_batched(family_run):
         _assert_same(ref, fus)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_fused_host_backends_match_reference(family_run, backend):
+    """The C++ host path and the torch reference inside the probe give the published maps too."""
+    adapter, samples, reference = family_run
+    fused = adapter.generate(samples, PROMPTS, max_new_tokens=NEW_TOKENS, capture="fused", batch_size=3,
+                             backend=backend)
+    for ref, fus in zip(reference, fused):
+        _assert_same(ref, fus)
+
+
 def test_batch_invariance(family_run):
     """A sample alone gives the same tokens and maps as inside a padded batch (both modes)."""
     adapter, samples, reference = family_run

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pixfound._kernels._backend import interpreting, resolve_backend, triton_available
+from pixfound._kernels._backend import interpreting, resolve_backend, triton_available, use_triton
 
 __all__ = ["image_attention", "image_attention_reference"]
 
@@ -387,6 +387,24 @@ def _image_attention_triton(q: torch.Tensor, k: torch.Tensor, checked: _Inputs, 
     return partial.sum(dim=1).div_(heads_q)
 
 
+def _host_float32(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and q.dtype == torch.float32
+
+
+def _image_attention_cpp(q: torch.Tensor, k: torch.Tensor, checked: _Inputs, scale: float) -> torch.Tensor:
+    """The C++ host path (``pixfound._C.image_attention``): one call instead of a dozen torch ops."""
+    if not _host_float32(q):
+        raise ValueError(f"backend='cpp' takes float32 CPU tensors, got {q.dtype} on {q.device}")
+    from pixfound import _C
+
+    def host(t: torch.Tensor) -> object:
+        return t.detach().contiguous().numpy()
+
+    out = _C.image_attention(host(q), host(k), host(checked.image_start), host(checked.image_len),
+                             host(checked.key_start), host(checked.key_end), scale, checked.num_image_keys)
+    return torch.from_numpy(out)
+
+
 def image_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -411,8 +429,9 @@ def image_attention(
         key_start: int ``[B]``, first valid key (keys before it are left padding).
         key_end: int ``[B, R]``, exclusive end of the valid keys of each row (``position + 1``).
         scale: softmax scale applied to ``q . k``.
-        backend: ``"auto"`` (Triton on CUDA, or on CPU under ``TRITON_INTERPRET=1``; else torch),
-            ``"triton"`` or ``"torch"`` (the reference).
+        backend: ``"auto"`` (Triton on CUDA, or on CPU under ``TRITON_INTERPRET=1``; float32 on the
+            CPU otherwise runs the C++ core; anything else the torch reference), ``"triton"``,
+            ``"cpp"`` or ``"torch"`` (the reference).
         validate: check the index values (spans inside ``[0, L]``, ``key_end >= key_start``, lengths
             >= 0). This copies the four index tensors to the host once, which synchronises a GPU;
             the attention probe's hot path passes ``validate=False`` with ``num_image_keys``, and
@@ -432,6 +451,8 @@ def image_attention(
         ValueError: on a bad shape, dtype, device, scale or index value, naming the argument.
     """
     checked = _check_inputs(q, k, image_start, image_len, key_start, key_end, scale, validate, num_image_keys)
+    if backend == "cpp" or (backend == "auto" and _host_float32(q) and not use_triton(q, k)):
+        return _image_attention_cpp(q, k, checked, float(scale))
     if resolve_backend(backend, q, k) == "torch":
         return _reference_math(q, k, checked, float(scale))
     return _image_attention_triton(q, k, checked, float(scale))

@@ -229,8 +229,8 @@ class ImageAttentionCapture:
     ) -> None:
         if first_token_row not in _FIRST_TOKEN_ROWS:
             raise ValueError(f"first_token_row must be one of {_FIRST_TOKEN_ROWS}, got {first_token_row!r}")
-        if backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        if backend not in ("auto", "triton", "cpp", "torch"):
+            raise ValueError(f"backend must be 'auto', 'triton', 'cpp' or 'torch', got {backend!r}")
         self.model = model
         self.decoder = decoder if decoder is not None else model.get_decoder()
         text_config = model.config.get_text_config()

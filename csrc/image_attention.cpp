@@ -1,0 +1,110 @@
+// Host path of the fused attention capture: for each query row, the softmax over its valid keys
+// (full-row denominator), restricted to the image keys and averaged over the query heads.
+// Same math as the Triton kernel and the torch reference in pixfound/_kernels/image_attention.py;
+// on the CPU it replaces a dozen small torch ops per layer with one call.
+#include "image_attention.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common.hpp"
+
+namespace pixfound {
+
+namespace {
+
+void require_dtype(const py::array& a, const char* name, char kind, py::ssize_t itemsize, const char* expected) {
+  if (a.dtype().kind() != kind || a.dtype().itemsize() != itemsize) {
+    fail(std::string(name) + " must be " + expected + ", got dtype " + std::string(py::str(a.dtype())) +
+         " with shape " + shape_str(a));
+  }
+}
+
+void require_shape(const py::array& a, const char* name, std::initializer_list<py::ssize_t> shape) {
+  bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
+  py::ssize_t i = 0;
+  for (py::ssize_t s : shape) ok = ok && a.shape(i++) == s;
+  if (!ok) fail(std::string(name) + " has shape " + shape_str(a) + ", which does not match q and k");
+}
+
+}  // namespace
+
+py::array_t<float> image_attention(const py::array& q, const py::array& k, const py::array& image_start,
+                                   const py::array& image_len, const py::array& key_start, const py::array& key_end,
+                                   double scale, py::ssize_t num_image_keys) {
+  require_ndim(q, "q", 4, "[B, Hq, R, D]");
+  require_ndim(k, "k", 4, "[B, Hkv, L, D]");
+  require_dtype(q, "q", 'f', 4, "float32");
+  require_dtype(k, "k", 'f', 4, "float32");
+  require_c_contiguous(q, "q");
+  require_c_contiguous(k, "k");
+  const py::ssize_t batch = q.shape(0), heads_q = q.shape(1), rows = q.shape(2), dim = q.shape(3);
+  const py::ssize_t heads_kv = k.shape(1), keys = k.shape(2);
+  if (k.shape(0) != batch || k.shape(3) != dim || heads_kv == 0 || heads_q % heads_kv != 0) {
+    fail("q " + shape_str(q) + " and k " + shape_str(k) + " must share B and D, with Hq a multiple of Hkv");
+  }
+  const char* names[] = {"image_start", "image_len", "key_start", "key_end"};
+  const py::array* indices[] = {&image_start, &image_len, &key_start, &key_end};
+  for (int i = 0; i < 4; ++i) {
+    require_dtype(*indices[i], names[i], 'i', 8, "int64");
+    require_c_contiguous(*indices[i], names[i]);
+  }
+  require_shape(image_start, "image_start", {batch});
+  require_shape(image_len, "image_len", {batch});
+  require_shape(key_start, "key_start", {batch});
+  require_shape(key_end, "key_end", {batch, rows});
+  if (num_image_keys < 0) fail("num_image_keys must be >= 0");
+
+  const float* qp = static_cast<const float*>(q.data());
+  const float* kp = static_cast<const float*>(k.data());
+  const auto* img_start = static_cast<const std::int64_t*>(image_start.data());
+  const auto* img_len = static_cast<const std::int64_t*>(image_len.data());
+  const auto* first = static_cast<const std::int64_t*>(key_start.data());
+  const auto* end = static_cast<const std::int64_t*>(key_end.data());
+  py::array_t<float> out({batch, rows, num_image_keys});
+  float* op = out.mutable_data();
+  std::fill(op, op + batch * rows * num_image_keys, 0.0f);
+  const py::ssize_t group = heads_kv ? heads_q / heads_kv : 1;
+  const float inv_heads = 1.0f / static_cast<float>(heads_q);
+  const float fscale = static_cast<float>(scale);
+  {
+    py::gil_scoped_release release;
+#pragma omp parallel for schedule(static)
+    for (py::ssize_t br = 0; br < batch * rows; ++br) {
+      const py::ssize_t b = br / rows, r = br % rows;
+      // Indices are clamped into [0, L], as in the Triton kernel: bad values cannot read outside k.
+      const py::ssize_t lo = std::clamp<py::ssize_t>(first[b], 0, keys);
+      const py::ssize_t hi = std::clamp<py::ssize_t>(end[b * rows + r], lo, keys);
+      const py::ssize_t n_img = std::clamp<py::ssize_t>(img_len[b], 0, num_image_keys);
+      float* row_out = op + br * num_image_keys;
+      if (hi <= lo || n_img == 0) continue;
+      std::vector<float> scores(static_cast<size_t>(hi - lo));
+      for (py::ssize_t h = 0; h < heads_q; ++h) {
+        const float* qv = qp + ((b * heads_q + h) * rows + r) * dim;
+        const float* kbase = kp + (b * heads_kv + h / group) * keys * dim;
+        float best = -std::numeric_limits<float>::infinity();
+        for (py::ssize_t j = lo; j < hi; ++j) {
+          const float* kv = kbase + j * dim;
+          float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+          for (py::ssize_t d = 0; d < dim; ++d) dot += qv[d] * kv[d];
+          dot *= fscale;
+          scores[j - lo] = dot;
+          best = std::max(best, dot);
+        }
+        double total = 0.0;  // float exponentials, summed in double: exact enough, and vectorisable
+        for (float s : scores) total += std::exp(s - best);
+        const float weight = static_cast<float>(1.0 / total) * inv_heads;
+        for (py::ssize_t i = 0; i < n_img; ++i) {
+          const py::ssize_t j = img_start[b] + i;
+          if (j >= lo && j < hi) row_out[i] += std::exp(scores[j - lo] - best) * weight;
+        }
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace pixfound
