@@ -69,9 +69,12 @@ py::array_t<float> image_attention(const py::array& q, const py::array& k, const
   const py::ssize_t group = heads_kv ? heads_q / heads_kv : 1;
   const float inv_heads = 1.0f / static_cast<float>(heads_q);
   const float fscale = static_cast<float>(scale);
+  // Threads only pay off on large calls: per decode step and layer the work is small, and waking a
+  // second OpenMP runtime beside torch's costs more than it saves.
+  const bool parallel = batch * rows * heads_q * keys * dim >= (py::ssize_t(1) << 24);
   {
     py::gil_scoped_release release;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel)
     for (py::ssize_t br = 0; br < batch * rows; ++br) {
       const py::ssize_t b = br / rows, r = br % rows;
       // Indices are clamped into [0, L], as in the Triton kernel: bad values cannot read outside k.
