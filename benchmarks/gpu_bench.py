@@ -311,15 +311,18 @@ class _HostPeak:
     """Peak resident set of this process around a call (VmHWM, reset via /proc/self/clear_refs)."""
 
     def __init__(self) -> None:
-        from test_capture_bench import _current_rss_kib, _reset_peak_rss, _vm_hwm_kib
+        from pipeline_bench import current_rss_bytes, reset_peak_rss
 
-        self._hwm = _vm_hwm_kib
-        self.exact = _reset_peak_rss()
-        self.before = _current_rss_kib() * 1024
+        self.exact = reset_peak_rss()
+        self.before = current_rss_bytes()
+        if self.before is None:
+            raise RuntimeError("no VmRSS in /proc/self/status")
 
     def peak(self) -> Optional[int]:
-        kib = self._hwm()
-        return kib * 1024 if (self.exact and kib is not None) else None
+        from pipeline_bench import peak_rss_bytes
+
+        peak = peak_rss_bytes()
+        return peak if (self.exact and peak is not None) else None
 
 
 def measure_call(fn: Callable[[], Any], device: str) -> tuple[dict, Any]:

@@ -42,8 +42,11 @@ import pytest
 import torch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "benchmarks"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from pipeline_bench import current_rss_bytes, peak_rss_bytes, reset_peak_rss  # noqa: E402
 
 MODES = ("plain", "fused", "reference")
 PROMPT = "describe the image in detail ."
@@ -145,31 +148,6 @@ def run_generate(adapter: Any, mode: str, batch: int, new_tokens: int, image_siz
 # ------------------------------------------------------------------------------------------------
 # memory: one subprocess per point
 # ------------------------------------------------------------------------------------------------
-def _vm_hwm_kib() -> Optional[int]:
-    try:
-        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        pathlib.Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
-
-
-def _current_rss_kib() -> int:
-    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
 def worker(config_name: str, mode: str, batch: int, extra_tokens: int, device: str) -> dict:
     """Build the model, run one generate, report peak memory (runs in its own process)."""
     import resource
@@ -186,8 +164,10 @@ def worker(config_name: str, mode: str, batch: int, extra_tokens: int, device: s
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        exact = _reset_peak_rss()
-        before = _current_rss_kib() * 1024
+        exact = reset_peak_rss()
+        before = current_rss_bytes()
+        if before is None:
+            raise RuntimeError("no VmRSS in /proc/self/status")
     started = time.perf_counter()
     generations = run_generate(adapter, mode, batch, new_tokens, config.image_size, extra_tokens)
     if device == "cuda":
@@ -195,9 +175,9 @@ def worker(config_name: str, mode: str, batch: int, extra_tokens: int, device: s
         peak = torch.cuda.max_memory_allocated()
         result["measure"] = "torch.cuda.max_memory_allocated"
     else:
-        hwm = _vm_hwm_kib()
+        hwm = peak_rss_bytes()
         if exact and hwm is not None:
-            peak = hwm * 1024
+            peak = hwm
             result["measure"] = "VmHWM after clear_refs reset"
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
