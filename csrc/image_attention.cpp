@@ -1,5 +1,7 @@
 // Host path of the fused attention capture: for each query row, the softmax over its valid keys
-// (full-row denominator), restricted to the image keys and averaged over the query heads.
+// (full-row denominator), restricted to the image keys and averaged over the query heads. An optional
+// per-sample gap [gap_start, gap_end) is taken out of the valid keys (padding between a shared prefix
+// and each sample's own prompt).
 // Same math as the Triton kernel and the torch reference in pixfound/_kernels/image_attention.py;
 // on the CPU it replaces a dozen small torch ops per layer with one call.
 #include "image_attention.hpp"
@@ -33,7 +35,8 @@ void require_shape(const py::array& a, const char* name, std::initializer_list<p
 
 py::array_t<float> image_attention(const py::array& q, const py::array& k, const py::array& image_start,
                                    const py::array& image_len, const py::array& key_start, const py::array& key_end,
-                                   double scale, py::ssize_t num_image_keys) {
+                                   double scale, py::ssize_t num_image_keys, const py::object& gap_start,
+                                   const py::object& gap_end) {
   require_ndim(q, "q", 4, "[B, Hq, R, D]");
   require_ndim(k, "k", 4, "[B, Hkv, L, D]");
   require_dtype(q, "q", 'f', 4, "float32");
@@ -56,6 +59,23 @@ py::array_t<float> image_attention(const py::array& q, const py::array& k, const
   require_shape(key_start, "key_start", {batch});
   require_shape(key_end, "key_end", {batch, rows});
   if (num_image_keys < 0) fail("num_image_keys must be >= 0");
+  if (gap_start.is_none() != gap_end.is_none()) {
+    fail(std::string("gap_start and gap_end must be given together (or both None for no gap): got ") +
+         (gap_start.is_none() ? "gap_end but gap_start" : "gap_start but gap_end") + " is None");
+  }
+  const bool has_gap = !gap_start.is_none();
+  py::array gap_start_a, gap_end_a;
+  if (has_gap) {
+    gap_start_a = py::array::ensure(gap_start);
+    gap_end_a = py::array::ensure(gap_end);
+    if (!gap_start_a || !gap_end_a) fail("gap_start and gap_end must be int64 arrays of shape [B] or None");
+    require_dtype(gap_start_a, "gap_start", 'i', 8, "int64");
+    require_dtype(gap_end_a, "gap_end", 'i', 8, "int64");
+    require_c_contiguous(gap_start_a, "gap_start");
+    require_c_contiguous(gap_end_a, "gap_end");
+    require_shape(gap_start_a, "gap_start", {batch});
+    require_shape(gap_end_a, "gap_end", {batch});
+  }
 
   const float* qp = static_cast<const float*>(q.data());
   const float* kp = static_cast<const float*>(k.data());
@@ -63,6 +83,8 @@ py::array_t<float> image_attention(const py::array& q, const py::array& k, const
   const auto* img_len = static_cast<const std::int64_t*>(image_len.data());
   const auto* first = static_cast<const std::int64_t*>(key_start.data());
   const auto* end = static_cast<const std::int64_t*>(key_end.data());
+  const auto* gap_lo_p = has_gap ? static_cast<const std::int64_t*>(gap_start_a.data()) : nullptr;
+  const auto* gap_hi_p = has_gap ? static_cast<const std::int64_t*>(gap_end_a.data()) : nullptr;
   py::array_t<float> out({batch, rows, num_image_keys});
   float* op = out.mutable_data();
   std::fill(op, op + batch * rows * num_image_keys, 0.0f);
@@ -81,28 +103,41 @@ py::array_t<float> image_attention(const py::array& q, const py::array& k, const
       const py::ssize_t lo = std::clamp<py::ssize_t>(first[b], 0, keys);
       const py::ssize_t hi = std::clamp<py::ssize_t>(end[b * rows + r], lo, keys);
       const py::ssize_t n_img = std::clamp<py::ssize_t>(img_len[b], 0, num_image_keys);
+      // The valid keys are [lo, gap_lo) and [gap_hi, hi): the gap clamped into the row; an empty
+      // gap (end <= start) or none leaves gap_lo = gap_hi = hi.
+      py::ssize_t gap_lo = hi, gap_hi = hi;
+      if (has_gap && gap_hi_p[b] > gap_lo_p[b]) {
+        gap_lo = std::clamp<py::ssize_t>(gap_lo_p[b], lo, hi);
+        gap_hi = std::clamp<py::ssize_t>(gap_hi_p[b], gap_lo, hi);
+      }
       float* row_out = op + br * num_image_keys;
-      if (hi <= lo || n_img == 0) continue;
+      if ((gap_lo - lo) + (hi - gap_hi) <= 0 || n_img == 0) continue;
+      const py::ssize_t pieces[2][2] = {{lo, gap_lo}, {gap_hi, hi}};
+      // Scores are indexed j - lo; the gap's slots stay unused.
       std::vector<float> scores(static_cast<size_t>(hi - lo));
       for (py::ssize_t h = 0; h < heads_q; ++h) {
         const float* qv = qp + ((b * heads_q + h) * rows + r) * dim;
         const float* kbase = kp + (b * heads_kv + h / group) * keys * dim;
         float best = -std::numeric_limits<float>::infinity();
-        for (py::ssize_t j = lo; j < hi; ++j) {
-          const float* kv = kbase + j * dim;
-          float dot = 0.0f;
+        for (const auto& piece : pieces) {
+          for (py::ssize_t j = piece[0]; j < piece[1]; ++j) {
+            const float* kv = kbase + j * dim;
+            float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-          for (py::ssize_t d = 0; d < dim; ++d) dot += qv[d] * kv[d];
-          dot *= fscale;
-          scores[j - lo] = dot;
-          best = std::max(best, dot);
+            for (py::ssize_t d = 0; d < dim; ++d) dot += qv[d] * kv[d];
+            dot *= fscale;
+            scores[j - lo] = dot;
+            best = std::max(best, dot);
+          }
         }
         double total = 0.0;  // float exponentials, summed in double: exact enough, and vectorisable
-        for (float s : scores) total += std::exp(s - best);
+        for (const auto& piece : pieces) {
+          for (py::ssize_t j = piece[0]; j < piece[1]; ++j) total += std::exp(scores[j - lo] - best);
+        }
         const float weight = static_cast<float>(1.0 / total) * inv_heads;
         for (py::ssize_t i = 0; i < n_img; ++i) {
           const py::ssize_t j = img_start[b] + i;
-          if (j >= lo && j < hi) row_out[i] += std::exp(scores[j - lo] - best) * weight;
+          if (j >= lo && j < hi && (j < gap_lo || j >= gap_hi)) row_out[i] += std::exp(scores[j - lo] - best) * weight;
         }
       }
     }

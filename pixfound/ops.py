@@ -215,9 +215,11 @@ def upsample_peaks(maps: torch.Tensor, size: tuple[int, int], *, aspect: str = "
 
 
 def image_attention(q: torch.Tensor, k: torch.Tensor, *, image_start: torch.Tensor, image_len: torch.Tensor,
-                    key_start: torch.Tensor, key_end: torch.Tensor, scale: float, backend: str = "auto"):
-    """Head-mean softmax attention of query rows to the image keys; see :mod:`pixfound._kernels.image_attention`."""
+                    key_start: torch.Tensor, key_end: torch.Tensor, scale: float, backend: str = "auto",
+                    gap_start: torch.Tensor | None = None, gap_end: torch.Tensor | None = None):
+    """Head-mean softmax attention of query rows to the image keys, optionally minus one gap of keys
+    ``[gap_start[b], gap_end[b])`` per sample; see :mod:`pixfound._kernels.image_attention`."""
     from pixfound._kernels.image_attention import image_attention as _image_attention
 
     return _image_attention(q, k, image_start=image_start, image_len=image_len, key_start=key_start,
-                            key_end=key_end, scale=scale, backend=backend)
+                            key_end=key_end, scale=scale, backend=backend, gap_start=gap_start, gap_end=gap_end)

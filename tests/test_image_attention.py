@@ -42,15 +42,22 @@ class Inputs:
     key_start: torch.Tensor
     key_end: torch.Tensor
     scale: float
+    gap_start: torch.Tensor | None = None  # both None: no gap (the argument is left out)
+    gap_end: torch.Tensor | None = None
 
     def kwargs(self) -> dict[str, object]:
-        return dict(
+        kwargs: dict[str, object] = dict(
             image_start=self.image_start,
             image_len=self.image_len,
             key_start=self.key_start,
             key_end=self.key_end,
             scale=self.scale,
         )
+        if self.gap_start is not None:
+            kwargs["gap_start"] = self.gap_start
+        if self.gap_end is not None:
+            kwargs["gap_end"] = self.gap_end
+        return kwargs
 
 
 def make_inputs(case: Case, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> Inputs:
@@ -383,3 +390,337 @@ def test_cpp_backend_needs_float32_host_tensors_and_rejects_bad_arrays() -> None
                            np.zeros((1, 1), np.int64), 1.0, 1)
     with pytest.raises(ValueError, match="key_end has shape"):
         _C.image_attention(q, k, index, index, index, np.zeros((1, 2), np.int64), 1.0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# A gap of excluded keys per sample (gap_start / gap_end): padding between a shared prefix and
+# each sample's own prompt
+# ----------------------------------------------------------------------------------------------
+# Where each sample's gap [gap_start, gap_end) sits, relative to its valid keys and image span.
+GAP_KINDS = ("before", "overlap", "inside", "after", "empty", "at_key_start", "at_key_end", "whole_row")
+
+
+def with_gaps(inputs: Inputs, kinds: tuple[str, ...], *, seed: int) -> Inputs:
+    """The same inputs with one gap per sample, of the given kind (one kind per sample)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randint(low: int, high: int) -> int:  # inclusive bounds
+        return int(torch.randint(low, max(low, high) + 1, (1,), generator=gen))
+
+    num_keys = inputs.k.shape[2]
+    assert len(kinds) == inputs.q.shape[0]
+    starts, ends = [], []
+    for b, kind in enumerate(kinds):
+        first, start, length = int(inputs.key_start[b]), int(inputs.image_start[b]), int(inputs.image_len[b])
+        image_end = start + length
+        if kind == "before":  # between the first valid key and the image (empty if there is no room)
+            lo = randint(first, start - 1) if start > first else start
+            hi = randint(lo + 1, start) if start > first else start
+        elif kind == "overlap":  # across the start of the image span
+            lo = randint(max(0, start - 4), start)
+            hi = randint(start + 1, image_end)
+        elif kind == "inside":  # strictly inside the image span
+            lo = randint(start, image_end - 1)
+            hi = randint(lo + 1, image_end)
+        elif kind == "after":  # between the image and the end of the keys (empty if there is no room)
+            lo = randint(image_end, num_keys - 1) if image_end < num_keys else num_keys
+            hi = randint(lo + 1, num_keys) if image_end < num_keys else num_keys
+        elif kind == "empty":
+            lo = hi = randint(0, num_keys)
+        elif kind == "at_key_start":
+            lo = first
+            hi = randint(first + 1, num_keys)
+        elif kind == "at_key_end":  # ends exactly at the end of row 0's valid keys
+            hi = int(inputs.key_end[b, 0])
+            lo = randint(first, hi - 1)
+        elif kind == "whole_row":  # every key excluded: rows give zeros
+            lo, hi = 0, num_keys
+        else:
+            raise AssertionError(kind)
+        assert 0 <= lo <= hi <= num_keys, (kind, lo, hi)
+        starts.append(lo)
+        ends.append(hi)
+    index = dict(dtype=torch.int64, device=inputs.key_start.device)
+    return replace(inputs, gap_start=torch.tensor(starts, **index), gap_end=torch.tensor(ends, **index))
+
+
+def without_gap_keys(inputs: Inputs, b: int) -> tuple[Inputs, Callable[[int], int]]:
+    """Sample b alone with its gap keys physically removed from k, and the map old key -> new key."""
+    lo, hi = int(inputs.gap_start[b]), int(inputs.gap_end[b])
+    width = hi - lo
+
+    def shift(j: int) -> int:
+        return j - min(max(j - lo, 0), width)
+
+    k = torch.cat([inputs.k[b : b + 1, :, :lo], inputs.k[b : b + 1, :, hi:]], dim=2)
+    key_end = inputs.key_end[b : b + 1]
+    key_end = key_end - (key_end - lo).clamp(0, width)  # shift() of each entry
+    alone = replace(
+        inputs,
+        q=inputs.q[b : b + 1],
+        k=k,
+        # The image span runs over every remaining key, so the result holds the full row.
+        image_start=torch.zeros_like(inputs.image_start[:1]),
+        image_len=torch.full_like(inputs.image_len[:1], k.shape[2]),
+        key_start=torch.full_like(inputs.key_start[:1], shift(int(inputs.key_start[b]))),
+        key_end=key_end,
+        gap_start=None,
+        gap_end=None,
+    )
+    return alone, shift
+
+
+def expected_by_removing_the_gap(inputs: Inputs) -> torch.Tensor:
+    """float64 answer built from the gap-free reference on k with each sample's gap keys cut out."""
+    batch, _, rows, _ = inputs.q.shape
+    width = int(inputs.image_len.max())
+    expected = torch.zeros(batch, rows, width, dtype=torch.float64)
+    for b in range(batch):
+        alone, shift = without_gap_keys(inputs, b)
+        lo, hi = int(inputs.gap_start[b]), int(inputs.gap_end[b])
+        if alone.k.shape[2] == 0:
+            continue  # the gap covers every key
+        full_row = run_reference(alone, compute_dtype=torch.float64).cpu()[0]  # [R, L - gap]
+        for i in range(int(inputs.image_len[b])):
+            j = int(inputs.image_start[b]) + i
+            if not lo <= j < hi:
+                expected[b, :, i] = full_row[:, shift(j)]
+    return expected
+
+
+GAP_REFERENCE_CASES = [
+    (Case(batch=4, heads_q=4, heads_kv=2, rows=2, num_keys=29, head_dim=8, image_at="middle"), GAP_KINDS[:4]),
+    (Case(batch=4, heads_q=3, heads_kv=1, rows=3, num_keys=41, head_dim=8, image_at="end"), GAP_KINDS[4:]),
+    (Case(batch=4, heads_q=2, heads_kv=2, rows=2, num_keys=33, head_dim=16, image_at="straddle"),
+     ("overlap", "at_key_end", "before", "at_key_start")),
+    (Case(batch=4, heads_q=6, heads_kv=3, rows=1, num_keys=150, head_dim=8, image_at="start"),
+     ("inside", "after", "at_key_start", "empty")),
+]
+
+
+@pytest.mark.parametrize("case, kinds", GAP_REFERENCE_CASES, ids=[case_id(c) for c, _ in GAP_REFERENCE_CASES])
+def test_reference_with_gap_equals_reference_with_the_gap_keys_removed(case: Case, kinds: tuple[str, ...]) -> None:
+    inputs = with_gaps(make_inputs(case, seed=case.num_keys), kinds, seed=1)
+    got = run_reference(inputs, compute_dtype=torch.float64).cpu()
+    torch.testing.assert_close(got, expected_by_removing_the_gap(inputs), atol=1e-12, rtol=0)
+    for b, kind in enumerate(kinds):
+        lo, hi = int(inputs.gap_start[b]), int(inputs.gap_end[b])
+        keys = int(inputs.image_start[b]) + torch.arange(got.shape[-1])
+        assert (got[b][:, (keys >= lo) & (keys < hi)] == 0).all(), kind  # gap keys get probability 0
+        if kind == "whole_row":
+            assert (got[b] == 0).all()
+
+
+def test_reference_with_gap_matches_explicit_per_head_loop() -> None:
+    case = Case(batch=4, heads_q=4, heads_kv=2, rows=2, num_keys=23, head_dim=8, image_at="middle")
+    inputs = with_gaps(make_inputs(case, seed=12), ("overlap", "before", "inside", "at_key_start"), seed=2)
+    got = run_reference(inputs, compute_dtype=torch.float64).cpu()
+    expected = torch.zeros_like(got)
+    group = case.heads_q // case.heads_kv
+    for b in range(case.batch):
+        first, start, length = int(inputs.key_start[b]), int(inputs.image_start[b]), int(inputs.image_len[b])
+        lo, hi = int(inputs.gap_start[b]), int(inputs.gap_end[b])
+        for r in range(case.rows):
+            keys = [j for j in range(first, int(inputs.key_end[b, r])) if not lo <= j < hi]
+            for h in range(case.heads_q):
+                probs = torch.zeros(case.num_keys, dtype=torch.float64)
+                if keys:
+                    scores = inputs.k[b, h // group, keys].double() @ inputs.q[b, h, r].double() * inputs.scale
+                    probs[keys] = torch.softmax(scores, dim=0).cpu()
+                expected[b, r, :length] += probs[start : start + length] / case.heads_q
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+
+
+# Odd sizes, GQA, several tiles of 64 keys (so that whole tiles fall in the gap); every kind twice.
+GAP_KERNEL_CASES = [
+    (Case(batch=4, heads_q=4, heads_kv=2, rows=2, num_keys=37, head_dim=8, image_at="middle"),
+     ("before", "overlap", "empty", "at_key_end")),
+    (Case(batch=4, heads_q=6, heads_kv=2, rows=3, num_keys=150, head_dim=24, image_at="end"),
+     ("at_key_start", "before", "inside", "whole_row")),
+    (Case(batch=4, heads_q=2, heads_kv=1, rows=2, num_keys=203, head_dim=16, image_at="straddle"),
+     ("overlap", "after", "at_key_end", "at_key_start")),
+    (Case(batch=4, heads_q=3, heads_kv=3, rows=1, num_keys=131, head_dim=40, image_at="start"),
+     ("inside", "empty", "after", "whole_row")),
+]
+GAP_KERNEL_IDS = [case_id(c) for c, _ in GAP_KERNEL_CASES]
+
+
+@requires_triton
+@pytest.mark.parametrize("case, kinds", GAP_KERNEL_CASES, ids=GAP_KERNEL_IDS)
+def test_kernel_with_gap_matches_reference_fp32(case: Case, kinds: tuple[str, ...]) -> None:
+    inputs = with_gaps(make_inputs(case, seed=case.num_keys + 1), kinds, seed=case.rows)
+    got = run_kernel(inputs)
+    assert got.dtype == torch.float32 and got.shape == (case.batch, case.rows, int(inputs.image_len.max()))
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, run_reference(inputs), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.double().cpu(), expected_by_removing_the_gap(inputs), atol=1e-6, rtol=0)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case, kinds", GAP_KERNEL_CASES[1:3], ids=GAP_KERNEL_IDS[1:3])
+def test_kernel_with_gap_low_precision_within_flash_attention_bound(
+    case: Case, kinds: tuple[str, ...], dtype: torch.dtype
+) -> None:
+    inputs = with_gaps(make_inputs(case, dtype=dtype, seed=5 * case.num_keys), kinds, seed=3)
+    exact = run_reference(inputs, compute_dtype=torch.float64).double()
+    same_precision = run_reference(inputs, compute_dtype=dtype).double()
+    kernel_error = (run_kernel(inputs).double() - exact).abs().max().item()
+    baseline_error = (same_precision - exact).abs().max().item()
+    assert baseline_error > 0, "the same-precision baseline should carry rounding error"
+    assert kernel_error <= 2 * baseline_error + 1e-6, (kernel_error, baseline_error)
+
+
+@pytest.mark.parametrize("case, kinds", GAP_KERNEL_CASES + GAP_REFERENCE_CASES,
+                         ids=GAP_KERNEL_IDS + [case_id(c) for c, _ in GAP_REFERENCE_CASES])
+def test_cpp_with_gap_matches_reference_fp32(case: Case, kinds: tuple[str, ...]) -> None:
+    inputs = with_gaps(make_inputs(case, seed=case.num_keys + 2), kinds, seed=4)
+    got = image_attention(inputs.q, inputs.k, backend="cpp", **inputs.kwargs())
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    torch.testing.assert_close(got, run_reference(inputs), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.double(), expected_by_removing_the_gap(inputs), atol=1e-6, rtol=0)
+
+
+def _backends() -> list[str]:
+    return ["torch", "cpp"] + (["triton"] if use_triton(torch.empty(0, device=DEVICE)) else [])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_no_gap_equals_an_empty_gap_bitwise_on_every_backend(dtype: torch.dtype) -> None:
+    """Leaving the gap out, a gap of zeros and a gap [L, L) give the same bits as today's call."""
+    case = Case(batch=3, heads_q=4, heads_kv=2, rows=2, num_keys=150, head_dim=16, image_at="straddle")
+    inputs = make_inputs(case, dtype=dtype, seed=47)
+    zeros = torch.zeros_like(inputs.key_start)
+    at_end = torch.full_like(inputs.key_start, case.num_keys)
+    for backend in _backends():
+        if backend == "cpp" and dtype != torch.float32:
+            continue
+        plain = image_attention(inputs.q, inputs.k, backend=backend, **inputs.kwargs())
+        for lo, hi in ((zeros, zeros), (at_end, at_end)):
+            gapped = image_attention(inputs.q, inputs.k, backend=backend, **inputs.kwargs(), gap_start=lo, gap_end=hi)
+            assert torch.equal(plain, gapped), backend
+        torch.testing.assert_close(plain, run_reference(inputs), atol=1e-6 if dtype == torch.float32 else 1e-5,
+                                   rtol=0)
+    assert torch.equal(run_reference(inputs), run_reference(inputs, gap_start=zeros, gap_end=zeros))
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_shared_prefix_padding_prompt_batch_equals_each_sample_alone(backend: str) -> None:
+    """The layout the gap is for: [system + image | padding | own prompt] per sample, batched, gives
+    what each sample gives alone with no padding at all."""
+    prefix, image_start, image_len, num_keys, rows = 12, 3, 9, 140, 2
+    prompts = [2, 90, 41]  # own prompt lengths; the padding is num_keys - prefix - prompt (up to 126 keys)
+    gen = torch.Generator().manual_seed(53)
+    q = torch.randn(len(prompts), 6, rows, 16, generator=gen)
+    k = torch.randn(len(prompts), 2, num_keys, 16, generator=gen)
+    q[:, ::2] *= 3.0
+    index = dict(dtype=torch.int64, device=DEVICE)
+    key_end = torch.arange(num_keys - rows + 1, num_keys + 1, **index).expand(len(prompts), -1).contiguous()
+    batched = image_attention(
+        q.to(DEVICE), k.to(DEVICE), backend=backend, scale=0.25,
+        image_start=torch.full((3,), image_start, **index), image_len=torch.full((3,), image_len, **index),
+        key_start=torch.zeros(3, **index), key_end=key_end,
+        gap_start=torch.full((3,), prefix, **index), gap_end=torch.tensor([num_keys - p for p in prompts], **index),
+    )
+    for b, prompt in enumerate(prompts):
+        k_alone = torch.cat([k[b : b + 1, :, :prefix], k[b : b + 1, :, num_keys - prompt :]], dim=2)
+        alone = image_attention(
+            q[b : b + 1].to(DEVICE), k_alone.to(DEVICE), backend=backend, scale=0.25,
+            image_start=torch.tensor([image_start], **index), image_len=torch.tensor([image_len], **index),
+            key_start=torch.zeros(1, **index), key_end=key_end[b : b + 1] - (num_keys - prompt - prefix),
+        )
+        torch.testing.assert_close(batched[b : b + 1], alone, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_unvalidated_out_of_range_gaps_are_clamped(backend: str) -> None:
+    """validate=False: wild gaps never read outside k; they act as their overlap with [0, L]."""
+    case = Case(batch=3, heads_q=4, heads_kv=2, rows=2, num_keys=90, head_dim=8, image_at="middle")
+    inputs = make_inputs(case, seed=59)
+    L = case.num_keys
+
+    def gap(lo: list[int], hi: list[int]) -> dict[str, torch.Tensor]:
+        index = dict(dtype=torch.int64, device=DEVICE)
+        return dict(gap_start=torch.tensor(lo, **index), gap_end=torch.tensor(hi, **index))
+
+    def run(gaps: dict[str, torch.Tensor], validate: bool) -> torch.Tensor:
+        return image_attention(inputs.q, inputs.k, backend=backend, validate=validate, **inputs.kwargs(), **gaps)
+
+    wild = gap([-1000, 30, -(2**40)], [20, 10**6, 2**40])
+    clamped = gap([0, 30, 0], [20, L, L])
+    got = run(wild, validate=False)
+    assert torch.isfinite(got).all() and (got[2] == 0).all()
+    torch.testing.assert_close(got, run(clamped, validate=True), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got, run_reference(replace(inputs, **clamped)), atol=1e-6, rtol=0)
+    # gap_end < gap_start is an empty gap.
+    reversed_gap = run(gap([50, 2**40, L], [10, -5, 0]), validate=False)
+    assert torch.equal(reversed_gap, image_attention(inputs.q, inputs.k, backend=backend, **inputs.kwargs()))
+
+
+GAP_BAD_INPUTS = [
+    ("only-gap-start", dict(gap_start=lambda x: x.key_start), r"gap_start and gap_end must be given together.*"
+     r"got gap_start but gap_end is None"),
+    ("only-gap-end", dict(gap_end=lambda x: x.key_start), r"got gap_end but gap_start is None"),
+    ("gap-shape", dict(gap_start=lambda x: x.key_end, gap_end=lambda x: x.key_start),
+     r"gap_start must have shape \(3,\), got \(3, 2\)"),
+    ("gap-float", dict(gap_start=lambda x: x.key_start, gap_end=lambda x: x.key_start.float()),
+     r"gap_end must have an integer dtype"),
+    ("gap-bool", dict(gap_start=lambda x: x.key_start > 0, gap_end=lambda x: x.key_start),
+     r"gap_start must have an integer dtype"),
+    ("gap-list", dict(gap_start=lambda x: [0, 0, 0], gap_end=lambda x: x.key_start),
+     r"gap_start must be an integer torch.Tensor"),
+    ("gap-device", dict(gap_start=lambda x: x.key_start.to("meta"), gap_end=lambda x: x.key_start),
+     r"gap_start is on meta"),
+    ("gap-negative", dict(gap_start=lambda x: torch.tensor([0, -3, 0]), gap_end=lambda x: torch.tensor([1, 1, 1])),
+     r"gap_start must be >= 0, got gap_start\[1\] = -3"),
+    ("gap-beyond-keys", dict(gap_start=lambda x: torch.tensor([0, 0, 5]), gap_end=lambda x: torch.tensor([1, 1, 41])),
+     r"gap_end must be <= L = 40 \(the keys in k\), got gap_end\[2\] = 41"),
+    ("gap-start-beyond-keys", dict(gap_start=lambda x: torch.tensor([0, 45, 0]),
+                                   gap_end=lambda x: torch.tensor([0, 40, 0])),
+     r"gap_end must be >= gap_start \(equal for no gap\), got gap_end\[1\] = 40 < gap_start\[1\] = 45"),
+    ("gap-reversed", dict(gap_start=lambda x: torch.tensor([5, 0, 0]), gap_end=lambda x: torch.tensor([4, 0, 0])),
+     r"gap_end must be >= gap_start \(equal for no gap\), got gap_end\[0\] = 4 < gap_start\[0\] = 5"),
+]
+
+
+@pytest.mark.parametrize("fn", [image_attention, image_attention_reference], ids=["image_attention", "reference"])
+@pytest.mark.parametrize("gaps, message", [bad[1:] for bad in GAP_BAD_INPUTS], ids=[bad[0] for bad in GAP_BAD_INPUTS])
+def test_bad_gap_raises_value_error(fn: Callable[..., torch.Tensor], gaps: dict, message: str) -> None:
+    case = Case(batch=3, heads_q=4, heads_kv=2, rows=2, num_keys=40, head_dim=16, image_at="end")
+    inputs = make_inputs(case, seed=37)
+    with pytest.raises(ValueError, match=message):
+        fn(inputs.q, inputs.k, **inputs.kwargs(), **{name: make(inputs) for name, make in gaps.items()})
+
+
+def test_cpp_binding_checks_the_gap_arrays() -> None:
+    import numpy as np
+
+    from pixfound import _C
+
+    q = np.ones((2, 2, 1, 4), np.float32)
+    k = np.ones((2, 1, 5, 4), np.float32)
+    index = np.zeros(2, np.int64)
+    ends = np.full((2, 1), 5, np.int64)
+    lengths = np.full(2, 5, np.int64)
+    plain = _C.image_attention(q, k, index, lengths, index, ends, 1.0, 5)
+    np.testing.assert_array_equal(plain, np.full((2, 1, 5), 0.2, np.float32))
+    gapped = _C.image_attention(q, k, index, lengths, index, ends, 1.0, 5, np.array([1, 0], np.int64),
+                                np.array([3, 5], np.int64))
+    np.testing.assert_allclose(gapped[0, 0], [1 / 3, 0, 0, 1 / 3, 1 / 3], atol=1e-7)
+    assert (gapped[1] == 0).all()
+    with pytest.raises(ValueError, match="gap_start and gap_end must be given together"):
+        _C.image_attention(q, k, index, lengths, index, ends, 1.0, 5, index)
+    with pytest.raises(ValueError, match="gap_end must be int64"):
+        _C.image_attention(q, k, index, lengths, index, ends, 1.0, 5, index, index.astype(np.int32))
+    with pytest.raises(ValueError, match="gap_start has shape"):
+        _C.image_attention(q, k, index, lengths, index, ends, 1.0, 5, np.zeros(3, np.int64), index)
+
+
+def test_public_ops_wrapper_forwards_the_gap() -> None:
+    from pixfound import ops
+
+    inputs = with_gaps(make_inputs(GAP_KERNEL_CASES[0][0], seed=61), GAP_KERNEL_CASES[0][1], seed=6)
+    got = ops.image_attention(inputs.q, inputs.k, backend="torch", **inputs.kwargs())
+    assert torch.equal(got, run_reference(inputs))
+    with pytest.raises(ValueError, match="must be given together"):
+        ops.image_attention(inputs.q, inputs.k, backend="torch", **replace(inputs, gap_end=None).kwargs())

@@ -10,16 +10,24 @@ where the softmax runs over the valid keys ``[key_start[b], key_end[b, r])`` of 
 ``[image_start[b], image_start[b] + image_len[b])`` are kept. The probability mass keeps the
 denominator of the whole row; it is *not* renormalised over the image keys.
 
+An optional gap ``[gap_start[b], gap_end[b])`` per sample is taken out of the valid keys: the
+padding between a shared prefix (system prompt + image) and each sample's own prompt. Gap keys
+get probability 0 and add nothing to the denominator, also where they overlap the image span.
+
 Two implementations of the same math sit in this module:
 
 * ``_image_attention_kernel`` (Triton): one program per (kv head, sample, query row). It holds the
   rows of every query head that shares the kv head, runs over the valid keys in ``BLOCK_N`` tiles
-  with an online max and sum (the exact softmax denominator, fp32 accumulation), then revisits only
+  with an online max and sum (the exact softmax denominator, fp32 accumulation; with a gap it runs
+  over the two pieces of the row on either side of the gap and never loads a gap key), then revisits only
   the image keys to write ``exp(s - max) / sum`` summed over its heads into an fp32 partial buffer
   ``[B, Hkv, R, N]``. The wrapper sums that over the kv heads and divides by ``Hq``. Nothing of
   size heads x keys is kept.
 * :func:`image_attention_reference` (plain torch): upcast, full masked softmax, gather, head mean.
   Tests and benchmarks compare the kernel against it, and ``backend="torch"`` runs it.
+
+``backend="cpp"`` runs the same math in the C++ core (``pixfound._C.image_attention``, float32 on
+the CPU).
 """
 from __future__ import annotations
 
@@ -54,6 +62,8 @@ class _Inputs:
     key_start: torch.Tensor  # int64 [B]
     key_end: torch.Tensor  # int64 [B, R]
     num_image_keys: int  # N, the width of the output
+    gap_start: torch.Tensor | None = None  # int64 [B], or None (no gap) together with gap_end
+    gap_end: torch.Tensor | None = None  # int64 [B]
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -82,6 +92,8 @@ def _check_inputs(
     scale: object,
     validate: bool,
     num_image_keys: int | None,
+    gap_start: object = None,
+    gap_end: object = None,
 ) -> _Inputs:
     """Shape, dtype and device checks on the host; value checks with one device->host copy."""
     for name, tensor in (("q", q), ("k", k)):
@@ -118,6 +130,14 @@ def _check_inputs(
     image_len_t = _check_index("image_len", image_len, (batch,), q.device)
     key_start_t = _check_index("key_start", key_start, (batch,), q.device)
     key_end_t = _check_index("key_end", key_end, (batch, rows), q.device)
+    if (gap_start is None) != (gap_end is None):
+        given, missing = ("gap_start", "gap_end") if gap_end is None else ("gap_end", "gap_start")
+        raise ValueError(
+            f"gap_start and gap_end must be given together (or both None for no gap): got {given} but {missing} is None"
+        )
+    has_gap = gap_start is not None
+    gap_start_t = _check_index("gap_start", gap_start, (batch,), q.device) if has_gap else None
+    gap_end_t = _check_index("gap_end", gap_end, (batch,), q.device) if has_gap else None
 
     if num_image_keys is not None:
         if isinstance(num_image_keys, bool) or not isinstance(num_image_keys, numbers.Integral) or num_image_keys < 0:
@@ -126,17 +146,20 @@ def _check_inputs(
 
     if validate:
         # One copy to the host for every value check (and for N when it is not given).
-        host = torch.cat([image_start_t, image_len_t, key_start_t, key_end_t.reshape(-1)]).cpu()
+        gaps = [gap_start_t, gap_end_t] if gap_start_t is not None and gap_end_t is not None else []
+        host = torch.cat([image_start_t, image_len_t, key_start_t, *gaps, key_end_t.reshape(-1)]).cpu()
         starts, lengths, firsts = host[:batch], host[batch : 2 * batch], host[2 * batch : 3 * batch]
-        ends = host[3 * batch :].reshape(batch, rows)
+        ends = host[(3 + len(gaps)) * batch :].reshape(batch, rows)
         _check_values(starts, lengths, firsts, ends, num_keys, num_image_keys)
+        if gaps:
+            _check_gap_values(host[3 * batch : 4 * batch], host[4 * batch : 5 * batch], num_keys)
         if num_image_keys is None:
             num_image_keys = int(lengths.max()) if batch else 0
     elif num_image_keys is None:
         num_image_keys = int(image_len_t.max()) if batch else 0  # the one sync of an unvalidated call
         if num_image_keys < 0:
             raise ValueError(f"image_len must be >= 0, got max(image_len) = {num_image_keys}")
-    return _Inputs(image_start_t, image_len_t, key_start_t, key_end_t, num_image_keys)
+    return _Inputs(image_start_t, image_len_t, key_start_t, key_end_t, num_image_keys, gap_start_t, gap_end_t)
 
 
 def _check_values(
@@ -181,6 +204,24 @@ def _check_values(
         )
 
 
+def _check_gap_values(gap_starts: torch.Tensor, gap_ends: torch.Tensor, num_keys: int) -> None:
+    def first_bad(bad: torch.Tensor) -> int:
+        return int(bad.nonzero()[0, 0])
+
+    if (bad := gap_starts < 0).any():
+        b = first_bad(bad)
+        raise ValueError(f"gap_start must be >= 0, got gap_start[{b}] = {int(gap_starts[b])}")
+    if (bad := gap_ends < gap_starts).any():
+        b = first_bad(bad)
+        raise ValueError(
+            f"gap_end must be >= gap_start (equal for no gap), got gap_end[{b}] = {int(gap_ends[b])} < "
+            f"gap_start[{b}] = {int(gap_starts[b])}"
+        )
+    if (bad := gap_ends > num_keys).any():
+        b = first_bad(bad)
+        raise ValueError(f"gap_end must be <= L = {num_keys} (the keys in k), got gap_end[{b}] = {int(gap_ends[b])}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Torch reference
 # ----------------------------------------------------------------------------------------------
@@ -196,6 +237,8 @@ def image_attention_reference(
     validate: bool = True,
     num_image_keys: int | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    gap_start: torch.Tensor | None = None,
+    gap_end: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-torch :func:`image_attention`: masked full-row softmax, image slice, head mean.
 
@@ -205,7 +248,9 @@ def image_attention_reference(
     ``[B, Hq, R, L]`` probabilities, so it is meant for tests, benchmarks and CPU fallback.
     The result is float32, or float64 when ``compute_dtype`` is float64.
     """
-    checked = _check_inputs(q, k, image_start, image_len, key_start, key_end, scale, validate, num_image_keys)
+    checked = _check_inputs(
+        q, k, image_start, image_len, key_start, key_end, scale, validate, num_image_keys, gap_start, gap_end
+    )
     return _reference_math(q, k, checked, float(scale), compute_dtype)
 
 
@@ -228,6 +273,9 @@ def _reference_math(
     scores = scores.reshape(batch, heads_q, rows, num_keys)
     positions = torch.arange(num_keys, device=q.device)
     valid = (positions >= checked.key_start[:, None, None]) & (positions < checked.key_end[:, :, None])  # [B, R, L]
+    if checked.gap_start is not None and checked.gap_end is not None:
+        in_gap = (positions >= checked.gap_start[:, None, None]) & (positions < checked.gap_end[:, None, None])
+        valid &= ~in_gap
     scores = scores.masked_fill(~valid[:, None], float("-inf"))
     # A row without valid keys is all NaN after softmax; it contributes 0.
     probs = torch.softmax(scores, dim=-1).masked_fill(~valid[:, None], 0.0)
@@ -248,6 +296,27 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
+    def _row_softmax_stats(
+        q_tile, k_base, stride_kl, d_ok, offs_n, lo, hi, m_i, l_i, scale_log2,
+        BLOCK_N: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    ):
+        """Online max and sum of exp (log2 units) of the scores of keys [lo, hi), folded into m_i, l_i."""
+        for start in range(lo, hi, BLOCK_N):
+            keys = start + offs_n
+            key_ok = keys < hi
+            k_tile = tl.load(k_base + keys[None, :] * stride_kl, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
+            if DOT_IN_FP32:
+                s = tl.dot(q_tile, k_tile.to(tl.float32), input_precision="ieee")
+            else:
+                s = tl.dot(q_tile, k_tile)
+            s = tl.where(key_ok[None, :], s * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no (-inf) - (-inf)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+            m_i = m_new
+        return m_i, l_i
+
+    @triton.jit
     def _image_attention_kernel(
         q_ptr,
         k_ptr,
@@ -255,6 +324,8 @@ if triton_available():
         image_len_ptr,
         key_start_ptr,
         key_end_ptr,
+        gap_start_ptr,
+        gap_end_ptr,
         partial_ptr,
         stride_qb,
         stride_qh,
@@ -277,6 +348,7 @@ if triton_available():
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
         DOT_IN_FP32: tl.constexpr,
+        HAS_GAP: tl.constexpr,
     ):
         kv_head = tl.program_id(0).to(tl.int64)
         sample = tl.program_id(1).to(tl.int64)
@@ -287,6 +359,18 @@ if triton_available():
         key_hi = tl.minimum(tl.load(key_end_ptr + sample * stride_end_b + row * stride_end_r), num_keys).to(tl.int32)
         image_lo = tl.load(image_start_ptr + sample).to(tl.int32)
         image_n = tl.minimum(tl.load(image_len_ptr + sample), num_image_keys).to(tl.int32)
+        # The valid keys are [key_lo, first_hi) and [second_lo, key_hi): the row minus the gap,
+        # clamped into the row (an empty or out-of-row gap leaves first_hi = key_hi).
+        first_hi = key_hi
+        second_lo = key_hi
+        if HAS_GAP:
+            gap_lo = tl.minimum(tl.maximum(tl.load(gap_start_ptr + sample), 0), num_keys).to(tl.int32)
+            gap_hi = tl.minimum(tl.maximum(tl.load(gap_end_ptr + sample), 0), num_keys).to(tl.int32)
+            gap_hi = tl.maximum(gap_hi, gap_lo)  # gap_end < gap_start: empty
+            first_hi = tl.minimum(tl.maximum(gap_lo, key_lo), key_hi)
+            second_lo = tl.minimum(tl.maximum(gap_hi, first_hi), key_hi)
+            first_hi = tl.where(gap_hi > gap_lo, first_hi, key_hi)
+            second_lo = tl.where(gap_hi > gap_lo, second_lo, key_hi)
 
         # Query rows of the GROUP heads that share this kv head (padded to BLOCK_M rows).
         offs_m = tl.arange(0, BLOCK_M)
@@ -300,22 +384,16 @@ if triton_available():
             q_tile = q_tile.to(tl.float32)
         k_base = k_ptr + sample * stride_kb + kv_head * stride_kh + offs_d[:, None] * stride_kd  # [BLOCK_D, 1]
 
-        # Pass 1: running max and sum of exp over the valid keys, in log2 units.
+        # Pass 1: running max and sum of exp over the valid keys, in log2 units; gap keys are never loaded.
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        for start in range(key_lo, key_hi, BLOCK_N):
-            keys = start + offs_n
-            key_ok = keys < key_hi
-            k_tile = tl.load(k_base + keys[None, :] * stride_kl, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
-            if DOT_IN_FP32:
-                s = tl.dot(q_tile, k_tile.to(tl.float32), input_precision="ieee")
-            else:
-                s = tl.dot(q_tile, k_tile)
-            s = tl.where(key_ok[None, :], s * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no (-inf) - (-inf)
-            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
-            m_i = m_new
+        m_i, l_i = _row_softmax_stats(
+            q_tile, k_base, stride_kl, d_ok, offs_n, key_lo, first_hi, m_i, l_i, scale_log2, BLOCK_N, DOT_IN_FP32
+        )
+        if HAS_GAP:
+            m_i, l_i = _row_softmax_stats(
+                q_tile, k_base, stride_kl, d_ok, offs_n, second_lo, key_hi, m_i, l_i, scale_log2, BLOCK_N, DOT_IN_FP32
+            )
         m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
         has_keys = l_i > 0.0
         inv_l = tl.where(has_keys, 1.0 / tl.where(has_keys, l_i, 1.0), 0.0)  # no valid key: 0, not NaN
@@ -328,6 +406,8 @@ if triton_available():
             keys = image_lo + offs
             in_image = offs < image_n
             key_ok = in_image & (keys >= key_lo) & (keys < key_hi)
+            if HAS_GAP:
+                key_ok = key_ok & ((keys < first_hi) | (keys >= second_lo))
             k_tile = tl.load(k_base + keys[None, :] * stride_kl, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
             if DOT_IN_FP32:
                 s = tl.dot(q_tile, k_tile.to(tl.float32), input_precision="ieee")
@@ -360,6 +440,10 @@ def _image_attention_triton(q: torch.Tensor, k: torch.Tensor, checked: _Inputs, 
     # fp32 inputs use IEEE fp32 (no TF32). The interpreter's dot multiplies bfloat16 as raw integers,
     # so there bf16 gets fp32 operands; products of fp16/bf16 are exact in fp32, so nothing changes.
     dot_in_fp32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type == "cpu")
+    has_gap = checked.gap_start is not None and checked.gap_end is not None
+    # Without a gap the kernel is compiled with HAS_GAP=False and never reads these pointers.
+    gap_start = checked.gap_start if has_gap else checked.key_start
+    gap_end = checked.gap_end if has_gap else checked.key_start
     _image_attention_kernel[(heads_kv, batch, rows)](
         q,
         k,
@@ -367,6 +451,8 @@ def _image_attention_triton(q: torch.Tensor, k: torch.Tensor, checked: _Inputs, 
         checked.image_len,
         checked.key_start,
         checked.key_end,
+        gap_start,
+        gap_end,
         partial,
         *q.stride(),
         *k.stride(),
@@ -382,6 +468,7 @@ def _image_attention_triton(q: torch.Tensor, k: torch.Tensor, checked: _Inputs, 
         BLOCK_N=_BLOCK_N,
         BLOCK_D=max(_MIN_DOT, _next_power_of_2(head_dim)),
         DOT_IN_FP32=dot_in_fp32,
+        HAS_GAP=has_gap,
         num_warps=4,
     )
     return partial.sum(dim=1).div_(heads_q)
@@ -400,8 +487,11 @@ def _image_attention_cpp(q: torch.Tensor, k: torch.Tensor, checked: _Inputs, sca
     def host(t: torch.Tensor) -> object:
         return t.detach().contiguous().numpy()
 
+    gap_start = None if checked.gap_start is None else host(checked.gap_start)
+    gap_end = None if checked.gap_end is None else host(checked.gap_end)
     out = _C.image_attention(host(q), host(k), host(checked.image_start), host(checked.image_len),
-                             host(checked.key_start), host(checked.key_end), scale, checked.num_image_keys)
+                             host(checked.key_start), host(checked.key_end), scale, checked.num_image_keys,
+                             gap_start, gap_end)
     return torch.from_numpy(out)
 
 
@@ -417,6 +507,8 @@ def image_attention(
     backend: str = "auto",
     validate: bool = True,
     num_image_keys: int | None = None,
+    gap_start: torch.Tensor | None = None,
+    gap_end: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Head-mean softmax attention of query rows to the image keys, with the full-row denominator.
 
@@ -438,19 +530,26 @@ def image_attention(
             then the call never synchronises (the kernel still clamps every read into ``[0, L)``).
         num_image_keys: width ``N`` of the result. ``None`` means ``max(image_len)``, which needs
             the host copy above (or one sync when ``validate=False``).
+        gap_start, gap_end: int ``[B]`` each, or both ``None`` (the default: no gap). Keys
+            ``gap_start[b] <= j < gap_end[b]`` (e.g. the padding between a shared prefix and each
+            sample's own prompt) are left out of the valid keys: probability 0, no share of the
+            denominator, also inside the image span. ``gap_end <= gap_start`` is an empty gap.
+            ``validate`` checks ``0 <= gap_start <= gap_end <= L``; unvalidated values are clamped.
 
     The index tensors may live on the CPU or on the device of ``q``.
 
     Returns:
         float32 ``[B, R, N]``: entry ``[b, r, j]`` is the mean over the ``Hq`` heads of the softmax
-        over keys ``[key_start[b], key_end[b, r])`` at key ``image_start[b] + j``. It is 0 for
+        over keys ``[key_start[b], key_end[b, r])`` (minus the gap) at key ``image_start[b] + j``. It is 0 for
         ``j >= image_len[b]`` and for image keys outside the valid range; it is not renormalised
         over the image keys, so each row sums to at most 1.
 
     Raises:
         ValueError: on a bad shape, dtype, device, scale or index value, naming the argument.
     """
-    checked = _check_inputs(q, k, image_start, image_len, key_start, key_end, scale, validate, num_image_keys)
+    checked = _check_inputs(
+        q, k, image_start, image_len, key_start, key_end, scale, validate, num_image_keys, gap_start, gap_end
+    )
     if backend == "cpp" or (backend == "auto" and _host_float32(q) and not use_triton(q, k)):
         return _image_attention_cpp(q, k, checked, float(scale))
     if resolve_backend(backend, q, k) == "torch":
