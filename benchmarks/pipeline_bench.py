@@ -120,6 +120,7 @@ class BenchSettings:
     threads: int = 1                      # torch CPU threads (1: repeatable on a shared machine)
     seed: int = 0
     phrase_vectors: str = "auto"
+    share_image_prefix: bool = False      # pixfound and plain: prefix (system prompt + image) once per image
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "protocols", tuple(int(p) for p in self.protocols))
@@ -146,8 +147,11 @@ class BenchSettings:
 
     @property
     def kernel_backend(self) -> str:
-        # On the CPU the kernels' torch/C++ paths run: Triton's interpreter is a test tool, not a speed path.
-        return "auto" if self.device.startswith("cuda") else "torch"
+        # On the CPU the C++ capture path runs (what `pixfound eval` picks there), torch for non-fp32:
+        # Triton's interpreter, which benchmark sessions enable, is a test tool, not a speed path.
+        if self.device.startswith("cuda"):
+            return "auto"
+        return "cpp" if self.dtype == "float32" else "torch"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -401,7 +405,8 @@ def run_pixfound(samples: Sequence[Any], adapter: Any, segmenter: Any, mode: str
                  nlp: Any, vectors: Any = None, protocols: Sequence[int] = (1, 3),
                  selects: Sequence[str] = ("oracle", "similarity"), max_new_tokens: int = 32,
                  kernel_backend: Optional[str] = None, sam_dtype: str = "float32",
-                 sam_batch_size: Optional[int] = None, output_dir: Optional[str | os.PathLike] = None) -> RunResult:
+                 sam_batch_size: Optional[int] = None, output_dir: Optional[str | os.PathLike] = None,
+                 share_image_prefix: bool = False) -> RunResult:
     """pixfound's :class:`GroundingPipeline` with ``--fused`` or ``--reference`` capture, records written as JSONL.
 
     ``vectors`` is the raw phrase-vector backend; the run wraps it in a fresh per-text cache, so
@@ -422,7 +427,7 @@ def run_pixfound(samples: Sequence[Any], adapter: Any, segmenter: Any, mode: str
         sam_batch_size=sam_batch_size or batch_size, device=device.split(":")[0],
         dtype=str(adapter.dtype).replace("torch.", ""),
         kernel_backend=kernel_backend or ("auto" if device.startswith("cuda") else "torch"),
-        progress=False, sam_dtype=sam_dtype,
+        progress=False, sam_dtype=sam_dtype, share_image_prefix=share_image_prefix,
     )
     cached = CachedPhraseVectors(vectors) if vectors is not None else None
     pipeline = GroundingPipeline(adapter, segmenter, nlp, config=config, vectors=cached)
@@ -468,8 +473,13 @@ def _signature(record: dict) -> dict:
 
 
 def run_plain_generation(samples: Sequence[Any], adapter: Any, *, batch_size: int = 8,
-                         protocols: Sequence[int] = (1, 3), max_new_tokens: int = 32) -> RunResult:
-    """SDPA ``generate`` with no capture on the same prompts and batches: the limit of the generate stage."""
+                         protocols: Sequence[int] = (1, 3), max_new_tokens: int = 32,
+                         share_image_prefix: bool = False) -> RunResult:
+    """SDPA ``generate`` with no capture on the same prompts and batches: the limit of the generate stage.
+
+    With ``share_image_prefix`` each batch's image prefixes are encoded once (counted as generate
+    time) and reused by every protocol, as the pipeline does with ``--share-image-prefix``.
+    """
     from pixfound.eval.prompts import build_prompt
 
     stages = dict.fromkeys(STAGES, 0.0)
@@ -478,13 +488,19 @@ def run_plain_generation(samples: Sequence[Any], adapter: Any, *, batch_size: in
     wall_started = time.perf_counter()
     for begin in range(0, len(samples), batch_size):
         batch = list(samples[begin:begin + batch_size])
+        prefixes = {}
+        if share_image_prefix:
+            started = time.perf_counter()
+            prefixes = {p.sample_id: p for p in adapter.encode_image_prefixes(batch)}
+            stages["generate"] += time.perf_counter() - started
         for protocol in sorted(protocols):
             todo = [s for s in batch if protocol in _grounding_protocols(s, protocols)]
             if not todo:
                 continue
             started = time.perf_counter()
             generations = adapter.generate(todo, [build_prompt(s, protocol) for s in todo],
-                                           max_new_tokens=max_new_tokens, capture=None, batch_size=len(todo))
+                                           max_new_tokens=max_new_tokens, capture=None, batch_size=len(todo),
+                                           prefixes=[prefixes[str(s.id)] for s in todo] if prefixes else None)
             _sync(adapter.device)
             stages["generate"] += time.perf_counter() - started
             for sample, generation in zip(todo, generations):
@@ -508,10 +524,11 @@ def run_pipeline(name: str, settings: BenchSettings, components: Components, sam
         return run_pixfound(samples, components.adapter, components.segmenter, name, batch, nlp=components.nlp,
                             vectors=components.vectors, protocols=settings.protocols, selects=settings.selects,
                             max_new_tokens=tokens, kernel_backend=settings.kernel_backend,
-                            sam_dtype=settings.sam_dtype, sam_batch_size=settings.sam_batch_size)
+                            sam_dtype=settings.sam_dtype, sam_batch_size=settings.sam_batch_size,
+                            share_image_prefix=settings.share_image_prefix)
     if name == "plain":
         return run_plain_generation(samples, components.adapter, batch_size=batch, protocols=settings.protocols,
-                                    max_new_tokens=tokens)
+                                    max_new_tokens=tokens, share_image_prefix=settings.share_image_prefix)
     raise ValueError(f"pipeline must be one of {PIPELINES}, got {name!r}")
 
 
@@ -1035,6 +1052,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("PIXFOUND_BENCH_THREADS", "1")))
     parser.add_argument("--pipelines", default=",".join(PIPELINES))
+    parser.add_argument("--share-image-prefix", action="store_true",
+                        help="pixfound and plain runs: prefill system prompt + image once per image (all protocols)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-batch-cap", type=int, default=None, help="also search the largest batch up to this")
     parser.add_argument("--in-process", action="store_true", help="no subprocesses (memory peaks then mix)")
@@ -1056,6 +1075,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         size=args.size, samples=args.samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         protocols=tuple(int(p) for p in args.protocols.split(",")), image_hw=args.image_hw, sam=args.sam,
         sam_dtype=args.sam_dtype, device=args.device, dtype=args.dtype, threads=args.threads,
+        share_image_prefix=args.share_image_prefix,
     )
     pipelines = [p.strip() for p in args.pipelines.split(",") if p.strip()]
     print(f"settings: {settings.to_dict()}", flush=True)

@@ -95,9 +95,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--point-rank", type=_positive_int, default=1, help="use the k-th highest location as the point")
     parser.add_argument("--points", dest="num_points", type=_positive_int, default=1,
                         help="N distinct local maxima per phrase as SAM prompt points (default 1)")
-    parser.add_argument("--kernel-backend", default="auto", choices=["auto", "triton", "torch"],
+    parser.add_argument("--kernel-backend", default="auto", choices=["auto", "triton", "cpp", "torch"],
                         help="backend of the fused capture kernel (auto: Triton on CUDA or under TRITON_INTERPRET, "
-                             "else torch); the upsample+peak op picks its backend the same way")
+                             "the C++ core for float32 on the CPU, else torch); the upsample+peak op picks "
+                             "Triton or torch the same way (torch with cpp)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--protocol", default="1,2,3", help="protocols to run, comma separated (default 1,2,3)")
     ev.add_argument("--select", default=None,
                     help="mask selection: oracle,similarity,judge (default: oracle,similarity, plus judge with --judge)")
+    ev.add_argument("--share-image-prefix", action="store_true",
+                    help="prefill the system prompt and the image once per image and reuse that key/value "
+                         "cache for every protocol (LLaVA families): less prefill, answers equal up to float "
+                         "rounding; holds the prefix cache of one batch in memory")
     ev.add_argument("--batch-size", type=_positive_int, default=4, help="samples per generate call (default 4)")
     ev.add_argument("--sam-batch-size", type=_positive_int, default=None,
                     help="images per SAM encoder call (default: --batch-size)")
@@ -286,7 +291,8 @@ def _eval_config(args: argparse.Namespace) -> Any:
         spacy_pipeline=args.spacy_pipeline, phrase_vectors=args.phrase_vectors,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=args.seed, do_sample=args.do_sample,
         temperature=args.temperature, first_token_row=args.first_token_row, point_rank=args.point_rank,
-        num_points=args.num_points, kernel_backend=args.kernel_backend, vqa_template=args.vqa_template,
+        num_points=args.num_points, kernel_backend=args.kernel_backend,
+        share_image_prefix=args.share_image_prefix, vqa_template=args.vqa_template,
         grounding_template=grounding_template, device=args.device, dtype=args.dtype,
         save_candidates=args.save_candidates, output=output, resume=args.resume,
         shard=parse_shard(args.shard) if args.shard else None, progress=not args.quiet,

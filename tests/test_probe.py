@@ -224,13 +224,31 @@ def test_sliding_window_layers_are_rejected():
         probe.ImageAttentionCapture(adapter.model, image_start=[0], image_len=[4])
 
 
-def test_padding_inside_the_sequence_is_rejected():
-    """The kernel takes one contiguous key range per row; a hole in the mask must not pass silently."""
+def test_one_padding_run_inside_the_sequence_matches_the_reference():
+    """A shared image prefix puts padding between prefix and own text: the capture excludes that run."""
     adapter = tiny_model("llava")
     batch = adapter.prepare([make_sample(0, (30, 50)).load_image()], PROMPTS[:1])
-    batch.inputs["attention_mask"][0, 1] = 0  # a hole after the first (BOS-like) token
+    batch.inputs["attention_mask"][0, 1:3] = 0  # one run of padding after the first (BOS-like) token
     layout = batch.layouts[0]
-    with pytest.raises(ValueError, match="contiguous"):
+    spans = dict(image_start=[layout.span_start], image_len=[layout.span_len])
+    with torch.inference_mode():
+        with probe.ImageAttentionCapture(adapter.model, **spans) as fused:
+            adapter.model(**batch.inputs)
+        with adapter.text_attention("eager"):
+            out = adapter.model(**batch.inputs, output_attentions=True)
+    expected = probe.reference_step_maps([out.attentions], **spans)
+    torch.testing.assert_close(fused.step_maps(), expected, atol=MAP_TOL, rtol=0)
+    _assert_clean(adapter)
+
+
+def test_padding_in_two_places_inside_the_sequence_is_rejected():
+    """The kernel excludes one padding run per row; a second must not pass silently."""
+    adapter = tiny_model("llava")
+    batch = adapter.prepare([make_sample(0, (30, 50)).load_image()], PROMPTS[:1])
+    batch.inputs["attention_mask"][0, 1] = 0
+    batch.inputs["attention_mask"][0, 3] = 0
+    layout = batch.layouts[0]
+    with pytest.raises(ValueError, match="more than one place"):
         with torch.inference_mode(), probe.ImageAttentionCapture(
             adapter.model, image_start=[layout.span_start], image_len=[layout.span_len]
         ):

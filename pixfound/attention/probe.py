@@ -314,8 +314,13 @@ class ImageAttentionCapture:
 
     def _rows_and_ranges(
         self, query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor]
-    ) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """Query row, key_start [B] and key_end [B, 1] of this step; computed at its first layer."""
+    ) -> tuple[int, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Query row, key_start [B], key_end [B, 1] and the padding gap [B] of this step; computed at its first layer.
+
+        The valid keys of a row are ``[key_start, key_end)`` minus at most one run of padding
+        ``[gap_start, gap_end)``: left padding gives no gap, a shared image prefix followed by each
+        prompt's own (left padded) text gives one.
+        """
         if self._row_cache is not None:
             return self._row_cache
         batch, _, q_len, _ = query.shape
@@ -335,6 +340,7 @@ class ImageAttentionCapture:
             self._gaps = torch.zeros((), dtype=torch.bool, device=device)
         row = _query_row(self.first_token_row, self._step, q_len)
         position = kv_len - q_len + row  # absolute position of that query (keys = past + current)
+        gap_start = gap_end = None
         if attention_mask is None:
             # SDPA skipped the mask: no padding, plain causal attention.
             key_start = torch.zeros(batch, dtype=torch.int64, device=device)
@@ -348,10 +354,18 @@ class ImageAttentionCapture:
             as_int = valid.to(torch.int32)
             key_start = as_int.argmax(dim=-1).to(torch.int64)
             key_end = (kv_len - as_int.flip(-1).argmax(dim=-1)).to(torch.int64)
-            # The kernel takes one contiguous range per row; remember (on the device) if a row had holes.
-            self._gaps |= (as_int.sum(-1) != key_end - key_start).any()
+            positions = torch.arange(kv_len, device=device)
+            inside = (positions >= key_start[:, None]) & (positions < key_end[:, None])
+            hole = inside & ~valid
+            has_hole = hole.any(dim=-1)
+            # First padded key inside the range, then the first valid key after it (all on the device).
+            gap_start = torch.where(has_hole, hole.to(torch.int32).argmax(dim=-1).to(torch.int64), key_start)
+            after_gap = valid & (positions >= gap_start[:, None])
+            gap_end = torch.where(has_hole, after_gap.to(torch.int32).argmax(dim=-1).to(torch.int64), key_start)
+            # The kernel excludes one gap per row; remember (on the device) if a row had more.
+            self._gaps |= (as_int.sum(-1) != key_end - key_start - (gap_end - gap_start)).any()
             key_end = key_end[:, None]
-        self._row_cache = (row, key_start, key_end)
+        self._row_cache = (row, key_start, key_end, gap_start, gap_end)
         return self._row_cache
 
     def _check_prompt_length(self, prompt_len: Optional[int]) -> None:
@@ -361,7 +375,7 @@ class ImageAttentionCapture:
     def _add_layer(
         self, query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor], scaling: float
     ) -> None:
-        row, key_start, key_end = self._rows_and_ranges(query, key, attention_mask)
+        row, key_start, key_end, gap_start, gap_end = self._rows_and_ranges(query, key, attention_mask)
         began = self._timer.start(query.device)
         probs = image_attention(
             query[:, :, row : row + 1],
@@ -370,6 +384,8 @@ class ImageAttentionCapture:
             image_len=self._image_len,
             key_start=key_start,
             key_end=key_end,
+            gap_start=gap_start,
+            gap_end=gap_end,
             scale=scaling,
             backend=self.backend,
             validate=False,  # spans were checked on the host once; no per-layer sync
@@ -396,8 +412,8 @@ class ImageAttentionCapture:
             )
         if self._gaps is not None and bool(self._gaps):  # the one host sync of the capture
             raise ValueError(
-                "a query row's valid keys were not one contiguous range (padding inside the sequence?); "
-                "the probe supports left padding only"
+                "a query row's valid keys had padding in more than one place; the probe supports left "
+                "padding plus at most one padding run (after a shared image prefix)"
             )
         stacked = torch.stack(self._steps, dim=1)  # [B, steps, N]
         return (stacked / self.num_layers).float().cpu()

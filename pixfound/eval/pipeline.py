@@ -137,6 +137,7 @@ class GroundingPipeline:
             vectors = self.vectors = CachedPhraseVectors(vectors)
         self._images: dict[str, Any] = {}
         self._embeddings: dict[str, Any] = {}
+        self._prefixes: dict[str, Any] = {}  # sample id -> ImagePrefix (config.share_image_prefix)
         self._gt_masks: dict[str, Optional[np.ndarray]] = {}
 
     # -- description ----------------------------------------------------------------------------
@@ -166,6 +167,7 @@ class GroundingPipeline:
     def end_batch(self) -> None:
         self._images.clear()
         self._embeddings.clear()
+        self._prefixes.clear()
         self._gt_masks.clear()
 
     def _image(self, sample: Any) -> tuple[Any, float]:
@@ -187,6 +189,21 @@ class GroundingPipeline:
             self._embeddings[sample.id] = embedding
         return (time.perf_counter() - started) / len(missing)
 
+    @property
+    def shares_image_prefix(self) -> bool:
+        return bool(self.config.share_image_prefix) and bool(getattr(self.adapter, "shares_image_prefix", False))
+
+    def _image_prefixes(self, items: Sequence[Any]) -> tuple[Optional[list], float]:
+        """Cached prompt prefixes (system prompt + image) of the items, encoding the missing ones in one call."""
+        if not self.shares_image_prefix:
+            return None, 0.0
+        missing = [item for item in items if item.id not in self._prefixes]
+        started = time.perf_counter()
+        if missing:
+            for prefix in self.adapter.encode_image_prefixes(missing):
+                self._prefixes[prefix.sample_id] = prefix
+        return [self._prefixes[item.id] for item in items], time.perf_counter() - started
+
     def prompts(self, samples: Sequence[Any], protocol: int) -> list[str]:
         return [build_prompt(s, protocol, vqa_template=self.config.vqa_template,
                              grounding_template=self.config.grounding_template) for s in samples]
@@ -195,11 +212,13 @@ class GroundingPipeline:
         """Generations for (sample-like, prompt) pairs in one batch; returns them and seconds per sample."""
         config = self.config
         started = time.perf_counter()
+        # The prefix encoding counts as generate time of the batch that first needs it.
+        prefixes, _ = self._image_prefixes(items)
         generations = self.adapter.generate(
             list(items), list(prompts), max_new_tokens=config.max_new_tokens, capture=capture,
             batch_size=len(items), first_token_row=config.first_token_row, do_sample=config.do_sample,
             temperature=config.temperature, seed=config.seed if config.do_sample else None,
-            backend=config.kernel_backend,
+            backend=config.kernel_backend, prefixes=prefixes,
         )
         return generations, (time.perf_counter() - started) / max(1, len(items))
 
@@ -274,8 +293,9 @@ class GroundingPipeline:
 
         config = self.config
         started = time.perf_counter()
+        backend = "torch" if config.kernel_backend == "cpp" else config.kernel_backend  # no C++ upsample op
         points = phrase_points(maps, generation.geometry, point_rank=config.point_rank, num_points=config.num_points,
-                               backend=config.kernel_backend)
+                               backend=backend)
         return PreparedGrounding(phrases, points, phrases_s=phrases_s, upsample_peak_s=time.perf_counter() - started)
 
     # -- pieces ---------------------------------------------------------------------------------

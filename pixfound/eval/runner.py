@@ -70,6 +70,9 @@ GROUNDING_PROTOCOLS = (1, 3)
 ANSWER_PROTOCOLS = (1, 2)
 
 # Settings that do not change any record: a resumed run may change them.
+# Backends of the capture kernel; "cpp" (float32 CPU only) leaves the upsample+peak op on torch.
+KERNEL_BACKENDS = ("auto", "triton", "cpp", "torch")
+
 IDENTITY_EXEMPT = frozenset(
     {"output", "resume", "batch_size", "sam_batch_size", "limit", "shard", "progress", "judge_base_url"}
 )
@@ -122,6 +125,7 @@ class EvalConfig:
     point_rank: int = 1
     num_points: int = 1
     kernel_backend: str = "auto"
+    share_image_prefix: bool = False  # prefill system prompt + image once per image for all protocols
     vqa_template: Optional[int] = None
     grounding_template: Optional[Union[int, str]] = None  # index, or a custom phrasing with one {}
     device: str = "auto"
@@ -161,8 +165,8 @@ class EvalConfig:
             raise ValueError(f"limit must be a positive integer, got {self.limit!r}")
         if self.first_token_row not in ("second_to_last", "last"):
             raise ValueError(f"first_token_row must be 'second_to_last' or 'last', got {self.first_token_row!r}")
-        if self.kernel_backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"kernel_backend must be 'auto', 'triton' or 'torch', got {self.kernel_backend!r}")
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}")
         if self.do_sample and not self.temperature > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
         if self.vqa_template is not None and (isinstance(self.vqa_template, bool) or not isinstance(self.vqa_template, int)):

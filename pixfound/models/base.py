@@ -127,6 +127,26 @@ class PreparedBatch:
         return int(self.inputs["input_ids"].shape[1])
 
 
+@dataclasses.dataclass
+class ImagePrefix:
+    """Key/value cache of one image's shared prompt prefix: every token up to its last image token.
+
+    All protocols of an image start with the same tokens (system prompt, ``USER:``, the image);
+    :meth:`VisionLanguageAdapter.encode_image_prefixes` runs them once per image, and
+    ``generate(..., prefixes=...)`` then prefills only each prompt's own text after them.
+    """
+
+    sample_id: str
+    token_ids: tuple[int, ...]          # the prefix tokens, image tokens included
+    image_start: int                    # position of the first image token in the prefix
+    keys: tuple[torch.Tensor, ...]      # per text layer [Hkv, P, D]
+    values: tuple[torch.Tensor, ...]    # per text layer [Hkv, P, D]
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids)
+
+
 def image_token_span(input_ids: torch.Tensor, image_token_id: int, *, row: int = 0) -> tuple[int, int]:
     """Start and length of the single contiguous run of ``image_token_id`` in ``input_ids[row]``.
 
@@ -159,6 +179,23 @@ def first_stop_index(token_ids: Sequence[int], stop_ids: set[int]) -> int:
     return len(token_ids)
 
 
+def _forward_parameters(model: torch.nn.Module) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.forward).parameters)
+
+
+def _cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (keys, values) ``[B, Hkv, L, D]`` of a transformers cache (layered or legacy layout)."""
+    if cache is None:
+        raise RuntimeError("the model returned no key/value cache (use_cache=True was ignored)")
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if hasattr(cache, "key_cache"):
+        return list(zip(cache.key_cache, cache.value_cache))
+    return [(k, v) for k, v in cache]
+
+
 class VisionLanguageAdapter(abc.ABC):
     """Base class of the per-family adapters; see the module docstring for the protocol.
 
@@ -168,6 +205,9 @@ class VisionLanguageAdapter(abc.ABC):
     """
 
     family: str = ""
+    # Whether generate(..., prefixes=...) can reuse a per-image prefix cache. Needs plain 1D
+    # positions counted from the attention mask (Qwen2-VL's 3D rope positions do not fit).
+    shares_image_prefix: bool = True
 
     def __init__(self, model: torch.nn.Module, processor: Any, *, name: str) -> None:
         self.model = model.eval()
@@ -251,6 +291,109 @@ class VisionLanguageAdapter(abc.ABC):
             moved["pixel_values"] = moved["pixel_values"].to(self.dtype)
         return PreparedBatch(inputs=moved, layouts=layouts, prompt_texts=texts)
 
+    # -- shared image prefix ----------------------------------------------------------------------
+    def encode_image_prefixes(self, samples: Sequence[Any]) -> list[ImagePrefix]:
+        """Run each sample's prompt prefix (system prompt + image, no user text) once; return its cache.
+
+        Pass the result to ``generate(..., prefixes=...)`` for any number of prompts about the same
+        images: each then prefills only its own text. The prefix keys depend only on the prefix
+        tokens and their positions, so the answers equal the unshared run's up to float rounding
+        (different matrix shapes); they are not bit-identical.
+        """
+        if not self.shares_image_prefix:
+            raise ValueError(f"the {self.family} adapter cannot share image prefixes (its positions are not 1D)")
+        if not samples:
+            return []
+        images = [s.load_image() for s in samples]
+        batch = self.prepare(images, [""] * len(images))
+        input_ids = batch.inputs["input_ids"]
+        mask = batch.inputs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(input_ids)
+        ends = [layout.span_start + layout.span_len for layout in batch.layouts]
+        width = max(ends)
+        inputs = dict(batch.inputs)
+        inputs["input_ids"] = input_ids[:, :width]
+        inputs["attention_mask"] = mask[:, :width]
+        # Positions counted over real tokens only, as generate counts them: the keys must not depend on padding.
+        position_ids = (mask[:, :width].long().cumsum(-1) - 1).clamp(min=0)
+        forward_args = _forward_parameters(self.model)
+        if "logits_to_keep" in forward_args:
+            inputs["logits_to_keep"] = 1  # the logits of the prefix are not needed
+        with torch.inference_mode(), self.text_attention("sdpa"):
+            output = self.model(**inputs, position_ids=position_ids, use_cache=True)
+        layers = _cache_tensors(output.get("cache", None) or output.get("past_key_values", None))
+        if len(layers) != self.num_layers:
+            raise RuntimeError(f"the prefix cache has {len(layers)} layers, the text model {self.num_layers}")
+        prefixes = []
+        for row, (sample, layout) in enumerate(zip(samples, batch.layouts)):
+            first = int(mask[row].to(torch.int32).argmax())
+            end = ends[row]
+            prefixes.append(
+                ImagePrefix(
+                    sample_id=str(sample.id),
+                    token_ids=tuple(input_ids[row, first:end].tolist()),
+                    image_start=layout.span_start - first,
+                    keys=tuple(k[row, :, first:end].clone() for k, _ in layers),
+                    values=tuple(v[row, :, first:end].clone() for _, v in layers),
+                )
+            )
+        return prefixes
+
+    def _prefixed_batch(
+        self, batch: PreparedBatch, samples: Sequence[Any], prefixes: Sequence[ImagePrefix]
+    ) -> Optional[PreparedBatch]:
+        """``batch`` rebuilt as [shared prefix][padding][own text] with the prefixes' cache, or None.
+
+        None (the caller prefills everything) when the prefixes differ in length within the batch or
+        a prompt does not start with its image's prefix tokens.
+        """
+        if len(prefixes) != len(samples):
+            raise ValueError(f"got {len(prefixes)} image prefixes for {len(samples)} samples")
+        for sample, prefix in zip(samples, prefixes):
+            if prefix.sample_id != str(sample.id):
+                raise ValueError(f"the image prefix of sample {prefix.sample_id!r} was given for sample {sample.id!r}")
+        lengths = {prefix.length for prefix in prefixes}
+        if len(lengths) != 1:
+            return None
+        shared = lengths.pop()
+        input_ids = batch.inputs["input_ids"]
+        mask = batch.inputs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(input_ids)
+        own_texts = []
+        for row, (prefix, layout) in enumerate(zip(prefixes, batch.layouts)):
+            first = int(mask[row].to(torch.int32).argmax())
+            tokens = input_ids[row, first:]
+            # At least two own tokens: the probe reads the prefill's second-to-last query row.
+            if tokens.numel() < shared + 2 or tuple(tokens[:shared].tolist()) != prefix.token_ids:
+                return None
+            if layout.span_start - first != prefix.image_start:
+                return None
+            own_texts.append(tokens[shared:])
+        width = max(t.numel() for t in own_texts)
+        pad_id = int(self.tokenizer.pad_token_id)
+        new_ids = torch.full((len(prefixes), shared + width), pad_id, dtype=input_ids.dtype, device=input_ids.device)
+        new_mask = torch.zeros_like(new_ids)
+        prefix_ids = torch.tensor(prefixes[0].token_ids, dtype=input_ids.dtype, device=input_ids.device)
+        for row, own in enumerate(own_texts):
+            new_ids[row, :shared] = prefix_ids
+            new_mask[row, :shared] = 1
+            new_ids[row, shared + width - own.numel():] = own
+            new_mask[row, shared + width - own.numel():] = 1
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for layer in range(len(prefixes[0].keys)):
+            keys = torch.stack([p.keys[layer] for p in prefixes]).to(self.device)
+            values = torch.stack([p.values[layer] for p in prefixes]).to(self.device)
+            cache.update(keys, values, layer)
+        cache_arg = "cache" if "cache" in _forward_parameters(self.model) else "past_key_values"
+        inputs = {"input_ids": new_ids, "attention_mask": new_mask, cache_arg: cache}
+        layouts = [dataclasses.replace(layout, span_start=prefix.image_start)
+                   for layout, prefix in zip(batch.layouts, prefixes)]
+        return PreparedBatch(inputs=inputs, layouts=layouts, prompt_texts=batch.prompt_texts)
+
     def _generation_kwargs(
         self, max_new_tokens: int, do_sample: bool, temperature: float, top_p: Optional[float]
     ) -> dict:
@@ -295,6 +438,7 @@ class VisionLanguageAdapter(abc.ABC):
         top_p: Optional[float] = None,
         seed: Optional[int] = None,
         backend: str = "auto",
+        prefixes: Optional[Sequence[ImagePrefix]] = None,
     ) -> list[Generation]:
         """Answer each (sample image, prompt) and record one image map per generated token.
 
@@ -310,6 +454,10 @@ class VisionLanguageAdapter(abc.ABC):
             do_sample, temperature, top_p: sampling; greedy by default.
             seed: seeds torch's global RNG before each batch (for sampling).
             backend: image-attention kernel backend for ``capture="fused"`` ("auto"|"triton"|"torch").
+            prefixes: optional, one :class:`ImagePrefix` per sample (:meth:`encode_image_prefixes`):
+                prefill only each prompt's own text after its image's cached prefix. A batch whose
+                prompts do not start with their prefix, or whose prefixes differ in length, is
+                prefilled in full instead (``timings["prefix_shared"]`` says which happened).
 
         Returns:
             One :class:`Generation` per sample, in input order.
@@ -324,6 +472,8 @@ class VisionLanguageAdapter(abc.ABC):
             raise ValueError(f"first_token_row must be 'second_to_last' or 'last', got {first_token_row!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if prefixes is not None and len(prefixes) != len(samples):
+            raise ValueError(f"got {len(prefixes)} image prefixes for {len(samples)} samples")
         gen_kwargs = self._generation_kwargs(max_new_tokens, do_sample, temperature, top_p)
         stop_ids = self.stop_token_ids
 
@@ -333,6 +483,11 @@ class VisionLanguageAdapter(abc.ABC):
             chunk_prompts = list(prompts[begin : begin + batch_size])
             images = [s.load_image() for s in chunk]
             batch = self.prepare(images, chunk_prompts)
+            prefix_shared = False
+            if prefixes is not None:
+                prefixed = self._prefixed_batch(batch, chunk, prefixes[begin : begin + batch_size])
+                if prefixed is not None:
+                    batch, prefix_shared = prefixed, True
             if seed is not None:
                 torch.manual_seed(seed)
             started = time.perf_counter()
@@ -400,6 +555,7 @@ class VisionLanguageAdapter(abc.ABC):
                             "batch_size": len(chunk),
                             "batch_steps": steps,
                             "capture": capture,
+                            "prefix_shared": prefix_shared,
                         },
                         extra_maps=extra,
                     )

@@ -20,6 +20,7 @@ class Qwen2VLAdapter(VisionLanguageAdapter):
     """Qwen2-VL / Qwen2.5-VL; the checkpoint's chat template (with its default system prompt)."""
 
     family = "qwen2_vl"
+    shares_image_prefix = False  # 3D rope positions are computed at the prefill from the whole prompt
 
     def __init__(self, model: torch.nn.Module, processor: Any, *, name: str) -> None:
         super().__init__(model, processor, name=name)
