@@ -26,9 +26,10 @@ PYBIND11_MODULE(_C, m) {
         "Local maxima (x, y) of a float map [H,W], strongest first, as skimage.feature.peak_local_max.");
   m.def("image_attention", &pixfound::image_attention, py::arg("q"), py::arg("k"), py::arg("image_start"),
         py::arg("image_len"), py::arg("key_start"), py::arg("key_end"), py::arg("scale"), py::arg("num_image_keys"),
-        py::arg("gap_start") = py::none(), py::arg("gap_end") = py::none(),
+        py::arg("gap_start") = py::none(), py::arg("gap_end") = py::none(), py::arg("out") = py::none(),
         "Head-mean softmax of float32 query rows [B,Hq,R,D] over keys [B,Hkv,L,D], image keys only -> [B,R,N]; "
-        "optional int64 gap_start/gap_end [B] (both or neither) exclude keys [gap_start, gap_end) of each sample.");
+        "optional int64 gap_start/gap_end [B] (both or neither) exclude keys [gap_start, gap_end) of each sample; "
+        "with out (float32 [B,R,N], C-contiguous) the result is added into it and out is returned.");
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

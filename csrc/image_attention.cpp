@@ -36,7 +36,7 @@ void require_shape(const py::array& a, const char* name, std::initializer_list<p
 py::array_t<float> image_attention(const py::array& q, const py::array& k, const py::array& image_start,
                                    const py::array& image_len, const py::array& key_start, const py::array& key_end,
                                    double scale, py::ssize_t num_image_keys, const py::object& gap_start,
-                                   const py::object& gap_end) {
+                                   const py::object& gap_end, const py::object& out_arg) {
   require_ndim(q, "q", 4, "[B, Hq, R, D]");
   require_ndim(k, "k", 4, "[B, Hkv, L, D]");
   require_dtype(q, "q", 'f', 4, "float32");
@@ -85,9 +85,22 @@ py::array_t<float> image_attention(const py::array& q, const py::array& k, const
   const auto* end = static_cast<const std::int64_t*>(key_end.data());
   const auto* gap_lo_p = has_gap ? static_cast<const std::int64_t*>(gap_start_a.data()) : nullptr;
   const auto* gap_hi_p = has_gap ? static_cast<const std::int64_t*>(gap_end_a.data()) : nullptr;
-  py::array_t<float> out({batch, rows, num_image_keys});
+  // With `out` the result is added into it (the probe sums the layers of a step in place); else zeros.
+  py::array_t<float> out;
+  if (out_arg.is_none()) {
+    out = py::array_t<float>({batch, rows, num_image_keys});
+    std::fill(out.mutable_data(), out.mutable_data() + batch * rows * num_image_keys, 0.0f);
+  } else {
+    // No conversion: a converted copy would silently drop the sum.
+    if (!py::isinstance<py::array>(out_arg)) fail("out must be a float32 numpy array of shape [B, R, N] or None");
+    const auto given = py::reinterpret_borrow<py::array>(out_arg);
+    require_dtype(given, "out", 'f', 4, "float32");
+    require_c_contiguous(given, "out");
+    require_shape(given, "out", {batch, rows, num_image_keys});
+    if (!given.writeable()) fail("out must be writeable");
+    out = py::reinterpret_borrow<py::array_t<float>>(out_arg);
+  }
   float* op = out.mutable_data();
-  std::fill(op, op + batch * rows * num_image_keys, 0.0f);
   const py::ssize_t group = heads_kv ? heads_q / heads_kv : 1;
   const float inv_heads = 1.0f / static_cast<float>(heads_q);
   const float fscale = static_cast<float>(scale);
@@ -132,12 +145,16 @@ py::array_t<float> image_attention(const py::array& q, const py::array& k, const
         }
         double total = 0.0;  // float exponentials, summed in double: exact enough, and vectorisable
         for (const auto& piece : pieces) {
-          for (py::ssize_t j = piece[0]; j < piece[1]; ++j) total += std::exp(scores[j - lo] - best);
+          for (py::ssize_t j = piece[0]; j < piece[1]; ++j) {
+            const float e = std::exp(scores[j - lo] - best);
+            scores[j - lo] = e;  // kept for the image keys below
+            total += e;
+          }
         }
         const float weight = static_cast<float>(1.0 / total) * inv_heads;
         for (py::ssize_t i = 0; i < n_img; ++i) {
           const py::ssize_t j = img_start[b] + i;
-          if (j >= lo && j < hi && (j < gap_lo || j >= gap_hi)) row_out[i] += std::exp(scores[j - lo] - best) * weight;
+          if (j >= lo && j < hi && (j < gap_lo || j >= gap_hi)) row_out[i] += scores[j - lo] * weight;
         }
       }
     }

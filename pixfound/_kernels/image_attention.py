@@ -35,11 +35,12 @@ import math
 import numbers
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pixfound._kernels._backend import interpreting, resolve_backend, triton_available, use_triton
 
-__all__ = ["image_attention", "image_attention_reference"]
+__all__ = ["choose_backend", "image_attention", "image_attention_cpp_into", "image_attention_reference"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
@@ -478,21 +479,58 @@ def _host_float32(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and q.dtype == torch.float32
 
 
+def _host_array(t: torch.Tensor | np.ndarray) -> np.ndarray:
+    return t if isinstance(t, np.ndarray) else t.detach().contiguous().numpy()
+
+
+def image_attention_cpp_into(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    image_start: torch.Tensor | np.ndarray,
+    image_len: torch.Tensor | np.ndarray,
+    key_start: torch.Tensor | np.ndarray,
+    key_end: torch.Tensor | np.ndarray,
+    scale: float,
+    gap_start: torch.Tensor | np.ndarray | None = None,
+    gap_end: torch.Tensor | np.ndarray | None = None,
+) -> torch.Tensor:
+    """Add the C++ host path's :func:`image_attention` result into ``out`` and return ``out``.
+
+    For the attention probe's per-layer hot path on the CPU: no Python-side checks (the probe
+    checks its spans once), while the C++ side still checks every dtype and shape and clamps every
+    index. ``q``/``k`` are float32 CPU tensors; the indices int64 CPU tensors or NumPy arrays (the
+    probe converts them once per step); ``out`` a
+    contiguous float32 CPU tensor ``[B, R, N]`` (``N`` = the number of image keys to keep).
+    """
+    from pixfound import _C
+
+    if out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 CPU tensor, got {out.dtype} on {out.device}")
+    gaps = [None if gap is None else _host_array(gap) for gap in (gap_start, gap_end)]  # C++ rejects one alone
+    _C.image_attention(_host_array(q), _host_array(k), _host_array(image_start), _host_array(image_len),
+                       _host_array(key_start), _host_array(key_end), float(scale), out.shape[-1], *gaps,
+                       out=out.numpy())
+    return out
+
+
 def _image_attention_cpp(q: torch.Tensor, k: torch.Tensor, checked: _Inputs, scale: float) -> torch.Tensor:
     """The C++ host path (``pixfound._C.image_attention``): one call instead of a dozen torch ops."""
     if not _host_float32(q):
         raise ValueError(f"backend='cpp' takes float32 CPU tensors, got {q.dtype} on {q.device}")
-    from pixfound import _C
+    out = torch.zeros(q.shape[0], q.shape[2], checked.num_image_keys, dtype=torch.float32)
+    return image_attention_cpp_into(
+        out, q, k, image_start=checked.image_start, image_len=checked.image_len, key_start=checked.key_start,
+        key_end=checked.key_end, scale=scale, gap_start=checked.gap_start, gap_end=checked.gap_end,
+    )
 
-    def host(t: torch.Tensor) -> object:
-        return t.detach().contiguous().numpy()
 
-    gap_start = None if checked.gap_start is None else host(checked.gap_start)
-    gap_end = None if checked.gap_end is None else host(checked.gap_end)
-    out = _C.image_attention(host(q), host(k), host(checked.image_start), host(checked.image_len),
-                             host(checked.key_start), host(checked.key_end), scale, checked.num_image_keys,
-                             gap_start, gap_end)
-    return torch.from_numpy(out)
+def choose_backend(backend: str, q: torch.Tensor, k: torch.Tensor) -> str:
+    """What :func:`image_attention` runs for these tensors: ``"triton"``, ``"cpp"`` or ``"torch"``."""
+    if backend == "cpp" or (backend == "auto" and _host_float32(q) and not use_triton(q, k)):
+        return "cpp"
+    return resolve_backend(backend, q, k)
 
 
 def image_attention(
@@ -550,8 +588,9 @@ def image_attention(
     checked = _check_inputs(
         q, k, image_start, image_len, key_start, key_end, scale, validate, num_image_keys, gap_start, gap_end
     )
-    if backend == "cpp" or (backend == "auto" and _host_float32(q) and not use_triton(q, k)):
+    chosen = choose_backend(backend, q, k)
+    if chosen == "cpp":
         return _image_attention_cpp(q, k, checked, float(scale))
-    if resolve_backend(backend, q, k) == "torch":
+    if chosen == "torch":
         return _reference_math(q, k, checked, float(scale))
     return _image_attention_triton(q, k, checked, float(scale))

@@ -36,7 +36,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from pixfound._kernels.image_attention import image_attention
+from pixfound._kernels.image_attention import choose_backend, image_attention, image_attention_cpp_into
 
 __all__ = [
     "FUSED_ATTENTION",
@@ -245,6 +245,8 @@ class ImageAttentionCapture:
         self.backend = backend
         self._image_start_host = _as_index(image_start)
         self._image_len_host = _as_index(image_len)
+        self._image_start_np = self._image_start_host.numpy()
+        self._image_len_np = self._image_len_host.numpy()
         _check_spans(self._image_start_host, self._image_len_host, None)
         self.batch_size = int(self._image_start_host.numel())
         self.num_image_keys = int(self._image_len_host.max())
@@ -257,6 +259,7 @@ class ImageAttentionCapture:
         self._step_sum: Optional[torch.Tensor] = None
         self._step_layers = 0
         self._row_cache: Optional[tuple] = None
+        self._host_path: Optional[bool] = None  # the C++ path, adding into the step sum in place
         self._gaps: Optional[torch.Tensor] = None  # device flag: a valid-key row was not one contiguous range
         self._image_start: Optional[torch.Tensor] = None
         self._image_len: Optional[torch.Tensor] = None
@@ -308,7 +311,7 @@ class ImageAttentionCapture:
 
     def _close_step(self) -> None:
         if self._step >= 0 and self._step_sum is not None:
-            self._steps.append(self._step_sum)
+            self._steps.append(self._step_sum[:, 0])
             self._layer_counts.append(self._step_layers)
             self._step_sum = None
 
@@ -365,6 +368,11 @@ class ImageAttentionCapture:
             # The kernel excludes one gap per row; remember (on the device) if a row had more.
             self._gaps |= (as_int.sum(-1) != key_end - key_start - (gap_end - gap_start)).any()
             key_end = key_end[:, None]
+        if self._host_path:
+            # The C++ path reads NumPy views: convert once per step, not once per layer.
+            key_start, key_end, gap_start, gap_end = (
+                None if t is None else t.contiguous().numpy() for t in (key_start, key_end, gap_start, gap_end)
+            )
         self._row_cache = (row, key_start, key_end, gap_start, gap_end)
         return self._row_cache
 
@@ -375,8 +383,23 @@ class ImageAttentionCapture:
     def _add_layer(
         self, query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor], scaling: float
     ) -> None:
+        if self._host_path is None:
+            self._host_path = choose_backend(self.backend, query, key) == "cpp"
         row, key_start, key_end, gap_start, gap_end = self._rows_and_ranges(query, key, attention_mask)
         began = self._timer.start(query.device)
+        if self._host_path:
+            # One C++ call adds this layer into the step's sum: the Python around it is what a small
+            # model's layer costs, so the checks of image_attention() are left to the C++ side.
+            if self._step_sum is None:
+                self._step_sum = torch.zeros(self.batch_size, 1, self.num_image_keys, dtype=torch.float32)
+            image_attention_cpp_into(
+                self._step_sum, query[:, :, row : row + 1], key, image_start=self._image_start_np,
+                image_len=self._image_len_np, key_start=key_start, key_end=key_end, scale=scaling,
+                gap_start=gap_start, gap_end=gap_end,
+            )
+            self._step_layers += 1
+            self._timer.stop(began)
+            return
         probs = image_attention(
             query[:, :, row : row + 1],
             key,
@@ -390,7 +413,7 @@ class ImageAttentionCapture:
             backend=self.backend,
             validate=False,  # spans were checked on the host once; no per-layer sync
             num_image_keys=self.num_image_keys,
-        )[:, 0]
+        )
         if self._step_sum is None:
             self._step_sum = probs.clone()
         else:
