@@ -392,6 +392,39 @@ def test_cpp_backend_needs_float32_host_tensors_and_rejects_bad_arrays() -> None
         _C.image_attention(q, k, index, index, index, np.zeros((1, 2), np.int64), 1.0, 1)
 
 
+def test_cpp_into_adds_into_out_and_rejects_an_out_it_would_copy() -> None:
+    """The probe's hot path: each call adds into ``out``; an out that would need a conversion is refused."""
+    import numpy as np
+
+    from pixfound import _C
+    from pixfound._kernels.image_attention import image_attention_cpp_into
+
+    inputs = make_inputs(CASES[4], seed=11)
+    expected = image_attention_reference(inputs.q, inputs.k, **inputs.kwargs())
+    batch, rows, width = expected.shape
+    out = torch.zeros(batch, rows, width)
+    index_args = {name: getattr(inputs, name) for name in ("image_start", "image_len", "key_start", "key_end")}
+    returned = image_attention_cpp_into(out, inputs.q, inputs.k, scale=inputs.scale, **index_args)
+    assert returned is out
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    as_numpy = {name: value.contiguous().numpy() for name, value in index_args.items()}
+    image_attention_cpp_into(out, inputs.q, inputs.k, scale=inputs.scale, **as_numpy)  # NumPy indices too
+    torch.testing.assert_close(out, 2 * expected, atol=2e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="contiguous float32 CPU tensor"):
+        image_attention_cpp_into(out.double(), inputs.q, inputs.k, scale=inputs.scale, **index_args)
+    with pytest.raises(ValueError, match="out has shape"):
+        image_attention_cpp_into(torch.zeros(batch, rows + 1, width), inputs.q, inputs.k, scale=inputs.scale,
+                                 **index_args)
+    arrays = [inputs.q.numpy(), inputs.k.numpy(), *as_numpy.values()]
+    with pytest.raises(ValueError, match="out must be float32"):
+        _C.image_attention(*arrays, inputs.scale, width, out=np.zeros((batch, rows, width)))
+    with pytest.raises(ValueError, match="out must be a float32 numpy array"):
+        _C.image_attention(*arrays, inputs.scale, width, out=[0.0])
+    with pytest.raises(ValueError, match="gap_start and gap_end must be given together"):
+        image_attention_cpp_into(out, inputs.q, inputs.k, scale=inputs.scale, gap_start=index_args["key_start"],
+                                 **index_args)
+
+
 # ----------------------------------------------------------------------------------------------
 # A gap of excluded keys per sample (gap_start / gap_end): padding between a shared prefix and
 # each sample's own prompt
