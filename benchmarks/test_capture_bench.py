@@ -139,8 +139,8 @@ def make_prompt(extra_tokens: int = 0) -> str:
 def run_generate(adapter: Any, mode: str, batch: int, new_tokens: int, image_size: int, extra_tokens: int = 0) -> list:
     samples = [_BenchSample(i, image_size) for i in range(batch)]
     capture = None if mode == "plain" else mode
-    # On the CPU the kernel's torch path runs (the Triton interpreter is for tests, not timing).
-    backend = "auto" if adapter.device.type == "cuda" else "torch"
+    # On the CPU the C++ capture path runs, as in `pixfound eval` (the Triton interpreter is for tests, not timing).
+    backend = "auto" if adapter.device.type == "cuda" else ("cpp" if adapter.dtype == torch.float32 else "torch")
     return adapter.generate(samples, [make_prompt(extra_tokens)] * batch, max_new_tokens=new_tokens, capture=capture,
                             batch_size=batch, backend=backend)
 

@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -31,12 +33,63 @@ void require_shape(const py::array& a, const char* name, std::initializer_list<p
   if (!ok) fail(std::string(name) + " has shape " + shape_str(a) + ", which does not match q and k");
 }
 
-// Scaled dot products of one query row with keys [begin, end) into scores[0 .. end - begin); returns
-// max(best, their max). GCC on x86-64 also builds an AVX2+FMA clone, picked when the CPU loads the
-// module: the dot products then run 8 lanes wide (the default clone is SSE2).
+// GCC on x86-64 also builds AVX2+FMA clones of the two inner loops, picked when the CPU loads the
+// module: they then run 8 lanes wide (the default clones are SSE2).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-__attribute__((target_clones("arch=x86-64-v3", "default")))
+#define PIXFOUND_WIDE_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define PIXFOUND_WIDE_CLONES
 #endif
+
+// exp(x) for x <= 0 (a score minus the row's maximum): Cephes' expf polynomial, written without
+// branches so that the compiler vectorises it (std::exp is a scalar call). Within 2 ulp of std::exp
+// on [-87, 0]; below, it returns exp(-87) ~ 1.6e-38, nothing next to the row maximum's exp(0) = 1.
+inline float exp_nonpositive(float x) {
+  const float clamped = std::max(x, -87.0f);
+  // n = round(x / ln 2) by the 1.5 * 2^23 shift (no call to floor; exact for |x / ln 2| < 2^22).
+  const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = clamped - n * 0.693359375f;  // ln 2 in two parts: exact high bits, then the rest
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const std::int32_t bits = (static_cast<std::int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return p * two_n;
+}
+
+// scores[i] = exp(scores[i] - best) for i < count; returns their sum. Eight float partial sums (one
+// per vector lane, each over at most count / 8 terms) added up in double at the end.
+PIXFOUND_WIDE_CLONES
+double exponentiate(float* scores, py::ssize_t count, float best) {
+  constexpr py::ssize_t kLanes = 8;
+  float lanes[kLanes] = {};
+  py::ssize_t i = 0;
+  for (; i + kLanes <= count; i += kLanes) {
+    for (py::ssize_t l = 0; l < kLanes; ++l) {
+      const float e = exp_nonpositive(scores[i + l] - best);
+      scores[i + l] = e;
+      lanes[l] += e;
+    }
+  }
+  double total = 0.0;
+  for (; i < count; ++i) {
+    const float e = exp_nonpositive(scores[i] - best);
+    scores[i] = e;
+    total += e;
+  }
+  for (float lane : lanes) total += lane;
+  return total;
+}
+
+// Scaled dot products of one query row with keys [begin, end) into scores[0 .. end - begin); returns
+// max(best, their max).
+PIXFOUND_WIDE_CLONES
 float scaled_dots(const float* qv, const float* kbase, py::ssize_t begin, py::ssize_t end, py::ssize_t dim,
                   float scale, float* scores, float best) {
   for (py::ssize_t j = begin; j < end; ++j) {
@@ -53,21 +106,50 @@ float scaled_dots(const float* qv, const float* kbase, py::ssize_t begin, py::ss
 
 }  // namespace
 
-py::array_t<float> image_attention(const py::array& q, const py::array& k, const py::array& image_start,
-                                   const py::array& image_len, const py::array& key_start, const py::array& key_end,
-                                   double scale, py::ssize_t num_image_keys, const py::object& gap_start,
-                                   const py::object& gap_end, const py::object& out_arg) {
-  require_ndim(q, "q", 4, "[B, Hq, R, D]");
-  require_ndim(k, "k", 4, "[B, Hkv, L, D]");
-  require_dtype(q, "q", 'f', 4, "float32");
-  require_dtype(k, "k", 'f', 4, "float32");
-  require_c_contiguous(q, "q");
-  require_c_contiguous(k, "k");
-  const py::ssize_t batch = q.shape(0), heads_q = q.shape(1), rows = q.shape(2), dim = q.shape(3);
-  const py::ssize_t heads_kv = k.shape(1), keys = k.shape(2);
-  if (k.shape(0) != batch || k.shape(3) != dim || heads_kv == 0 || heads_q % heads_kv != 0) {
-    fail("q " + shape_str(q) + " and k " + shape_str(k) + " must share B and D, with Hq a multiple of Hkv");
+namespace {
+
+// Per-sample index arrays shared by every layer of a call (gap_lo/gap_hi null: no gap).
+struct RowSpans {
+  const std::int64_t* image_start;
+  const std::int64_t* image_len;
+  const std::int64_t* key_start;
+  const std::int64_t* key_end;
+  const std::int64_t* gap_lo;
+  const std::int64_t* gap_hi;
+};
+
+// One layer's query rows [B, Hq, R, D] and keys [B, Hkv, L, D], already checked.
+struct LayerInputs {
+  const float* q;
+  const float* k;
+  py::ssize_t heads_kv;
+  py::ssize_t keys;
+  float scale;
+};
+
+LayerInputs check_layer(const py::array& q, const py::array& k, double scale, py::ssize_t batch, py::ssize_t heads_q,
+                        py::ssize_t rows, py::ssize_t dim, const std::string& where) {
+  require_ndim(q, ("q" + where).c_str(), 4, "[B, Hq, R, D]");
+  require_ndim(k, ("k" + where).c_str(), 4, "[B, Hkv, L, D]");
+  require_dtype(q, ("q" + where).c_str(), 'f', 4, "float32");
+  require_dtype(k, ("k" + where).c_str(), 'f', 4, "float32");
+  require_c_contiguous(q, ("q" + where).c_str());
+  require_c_contiguous(k, ("k" + where).c_str());
+  const py::ssize_t heads_kv = k.shape(1);
+  if (q.shape(0) != batch || q.shape(1) != heads_q || q.shape(2) != rows || q.shape(3) != dim ||
+      k.shape(0) != batch || k.shape(3) != dim || heads_kv == 0 || heads_q % heads_kv != 0) {
+    fail("q" + where + " " + shape_str(q) + " and k" + where + " " + shape_str(k) +
+         " must share B and D (and every layer the same q shape), with Hq a multiple of Hkv");
   }
+  return {static_cast<const float*>(q.data()), static_cast<const float*>(k.data()), heads_kv, k.shape(2),
+          static_cast<float>(scale)};
+}
+
+// Checks the index arrays and the optional gap; the arrays must outlive the returned spans.
+RowSpans check_spans(const py::array& image_start, const py::array& image_len, const py::array& key_start,
+                     const py::array& key_end, const py::object& gap_start, const py::object& gap_end,
+                     py::ssize_t batch, py::ssize_t rows, py::ssize_t num_image_keys, py::array& gap_start_a,
+                     py::array& gap_end_a) {
   const char* names[] = {"image_start", "image_len", "key_start", "key_end"};
   const py::array* indices[] = {&image_start, &image_len, &key_start, &key_end};
   for (int i = 0; i < 4; ++i) {
@@ -83,9 +165,11 @@ py::array_t<float> image_attention(const py::array& q, const py::array& k, const
     fail(std::string("gap_start and gap_end must be given together (or both None for no gap): got ") +
          (gap_start.is_none() ? "gap_end but gap_start" : "gap_start but gap_end") + " is None");
   }
-  const bool has_gap = !gap_start.is_none();
-  py::array gap_start_a, gap_end_a;
-  if (has_gap) {
+  RowSpans spans{static_cast<const std::int64_t*>(image_start.data()),
+                 static_cast<const std::int64_t*>(image_len.data()),
+                 static_cast<const std::int64_t*>(key_start.data()),
+                 static_cast<const std::int64_t*>(key_end.data()), nullptr, nullptr};
+  if (!gap_start.is_none()) {
     gap_start_a = py::array::ensure(gap_start);
     gap_end_a = py::array::ensure(gap_end);
     if (!gap_start_a || !gap_end_a) fail("gap_start and gap_end must be int64 arrays of shape [B] or None");
@@ -95,82 +179,143 @@ py::array_t<float> image_attention(const py::array& q, const py::array& k, const
     require_c_contiguous(gap_end_a, "gap_end");
     require_shape(gap_start_a, "gap_start", {batch});
     require_shape(gap_end_a, "gap_end", {batch});
+    spans.gap_lo = static_cast<const std::int64_t*>(gap_start_a.data());
+    spans.gap_hi = static_cast<const std::int64_t*>(gap_end_a.data());
   }
+  return spans;
+}
 
-  const float* qp = static_cast<const float*>(q.data());
-  const float* kp = static_cast<const float*>(k.data());
-  const auto* img_start = static_cast<const std::int64_t*>(image_start.data());
-  const auto* img_len = static_cast<const std::int64_t*>(image_len.data());
-  const auto* first = static_cast<const std::int64_t*>(key_start.data());
-  const auto* end = static_cast<const std::int64_t*>(key_end.data());
-  const auto* gap_lo_p = has_gap ? static_cast<const std::int64_t*>(gap_start_a.data()) : nullptr;
-  const auto* gap_hi_p = has_gap ? static_cast<const std::int64_t*>(gap_end_a.data()) : nullptr;
-  // With `out` the result is added into it (the probe sums the layers of a step in place); else zeros.
-  py::array_t<float> out;
+// `out` itself when given (the result is added into it), else a new zero array.
+py::array_t<float> output_array(const py::object& out_arg, py::ssize_t batch, py::ssize_t rows,
+                                py::ssize_t num_image_keys) {
   if (out_arg.is_none()) {
-    out = py::array_t<float>({batch, rows, num_image_keys});
+    py::array_t<float> out({batch, rows, num_image_keys});
     std::fill(out.mutable_data(), out.mutable_data() + batch * rows * num_image_keys, 0.0f);
-  } else {
-    // No conversion: a converted copy would silently drop the sum.
-    if (!py::isinstance<py::array>(out_arg)) fail("out must be a float32 numpy array of shape [B, R, N] or None");
-    const auto given = py::reinterpret_borrow<py::array>(out_arg);
-    require_dtype(given, "out", 'f', 4, "float32");
-    require_c_contiguous(given, "out");
-    require_shape(given, "out", {batch, rows, num_image_keys});
-    if (!given.writeable()) fail("out must be writeable");
-    out = py::reinterpret_borrow<py::array_t<float>>(out_arg);
+    return out;
   }
-  float* op = out.mutable_data();
-  const py::ssize_t group = heads_kv ? heads_q / heads_kv : 1;
+  // No conversion: a converted copy would silently drop the sum.
+  if (!py::isinstance<py::array>(out_arg)) fail("out must be a float32 numpy array of shape [B, R, N] or None");
+  const auto given = py::reinterpret_borrow<py::array>(out_arg);
+  require_dtype(given, "out", 'f', 4, "float32");
+  require_c_contiguous(given, "out");
+  require_shape(given, "out", {batch, rows, num_image_keys});
+  if (!given.writeable()) fail("out must be writeable");
+  return py::reinterpret_borrow<py::array_t<float>>(out_arg);
+}
+
+// Adds, for every layer in order, the head mean of each row's image probabilities into op [B, R, N].
+// Layers run innermost per row, so the additions into an entry happen in the same order as one
+// call per layer would make them (the same bits).
+void accumulate(const std::vector<LayerInputs>& layers, py::ssize_t batch, py::ssize_t heads_q, py::ssize_t rows,
+                py::ssize_t dim, py::ssize_t num_image_keys, const RowSpans& spans, float* op) {
+  py::ssize_t max_keys = 0, work = 0;
+  for (const auto& layer : layers) {
+    max_keys = std::max(max_keys, layer.keys);
+    work += batch * rows * heads_q * layer.keys * dim;
+  }
   const float inv_heads = 1.0f / static_cast<float>(heads_q);
-  const float fscale = static_cast<float>(scale);
-  // Threads only pay off on large calls: per decode step and layer the work is small, and waking a
-  // second OpenMP runtime beside torch's costs more than it saves.
-  const bool parallel = batch * rows * heads_q * keys * dim >= (py::ssize_t(1) << 24);
+  // Threads only pay off on large calls: per decode step the work is small, and waking a second
+  // OpenMP runtime beside torch's costs more than it saves.
+  const bool parallel = work >= (py::ssize_t(1) << 24);
+  py::gil_scoped_release release;
+#pragma omp parallel if (parallel)
   {
-    py::gil_scoped_release release;
-#pragma omp parallel for schedule(static) if (parallel)
+    std::vector<float> scores(static_cast<size_t>(max_keys));
+#pragma omp for schedule(static)
     for (py::ssize_t br = 0; br < batch * rows; ++br) {
       const py::ssize_t b = br / rows, r = br % rows;
-      // Indices are clamped into [0, L], as in the Triton kernel: bad values cannot read outside k.
-      const py::ssize_t lo = std::clamp<py::ssize_t>(first[b], 0, keys);
-      const py::ssize_t hi = std::clamp<py::ssize_t>(end[b * rows + r], lo, keys);
-      const py::ssize_t n_img = std::clamp<py::ssize_t>(img_len[b], 0, num_image_keys);
-      // The valid keys are [lo, gap_lo) and [gap_hi, hi): the gap clamped into the row; an empty
-      // gap (end <= start) or none leaves gap_lo = gap_hi = hi.
-      py::ssize_t gap_lo = hi, gap_hi = hi;
-      if (has_gap && gap_hi_p[b] > gap_lo_p[b]) {
-        gap_lo = std::clamp<py::ssize_t>(gap_lo_p[b], lo, hi);
-        gap_hi = std::clamp<py::ssize_t>(gap_hi_p[b], gap_lo, hi);
-      }
       float* row_out = op + br * num_image_keys;
-      if ((gap_lo - lo) + (hi - gap_hi) <= 0 || n_img == 0) continue;
-      const py::ssize_t pieces[2][2] = {{lo, gap_lo}, {gap_hi, hi}};
-      // Scores are indexed j - lo; the gap's slots stay unused.
-      std::vector<float> scores(static_cast<size_t>(hi - lo));
-      for (py::ssize_t h = 0; h < heads_q; ++h) {
-        const float* qv = qp + ((b * heads_q + h) * rows + r) * dim;
-        const float* kbase = kp + (b * heads_kv + h / group) * keys * dim;
-        float best = -std::numeric_limits<float>::infinity();
-        for (const auto& piece : pieces) {
-          best = scaled_dots(qv, kbase, piece[0], piece[1], dim, fscale, scores.data() + (piece[0] - lo), best);
+      for (const auto& layer : layers) {
+        const py::ssize_t keys = layer.keys, group = heads_q / layer.heads_kv;
+        // Indices are clamped into [0, L], as in the Triton kernel: bad values cannot read outside k.
+        const py::ssize_t lo = std::clamp<py::ssize_t>(spans.key_start[b], 0, keys);
+        const py::ssize_t hi = std::clamp<py::ssize_t>(spans.key_end[b * rows + r], lo, keys);
+        const py::ssize_t n_img = std::clamp<py::ssize_t>(spans.image_len[b], 0, num_image_keys);
+        // The valid keys are [lo, gap_lo) and [gap_hi, hi): the gap clamped into the row; an empty
+        // gap (end <= start) or none leaves gap_lo = gap_hi = hi.
+        py::ssize_t gap_lo = hi, gap_hi = hi;
+        if (spans.gap_lo != nullptr && spans.gap_hi[b] > spans.gap_lo[b]) {
+          gap_lo = std::clamp<py::ssize_t>(spans.gap_lo[b], lo, hi);
+          gap_hi = std::clamp<py::ssize_t>(spans.gap_hi[b], gap_lo, hi);
         }
-        double total = 0.0;  // float exponentials, summed in double: exact enough, and vectorisable
-        for (const auto& piece : pieces) {
-          for (py::ssize_t j = piece[0]; j < piece[1]; ++j) {
-            const float e = std::exp(scores[j - lo] - best);
-            scores[j - lo] = e;  // kept for the image keys below
-            total += e;
+        if ((gap_lo - lo) + (hi - gap_hi) <= 0 || n_img == 0) continue;
+        const py::ssize_t pieces[2][2] = {{lo, gap_lo}, {gap_hi, hi}};
+        for (py::ssize_t h = 0; h < heads_q; ++h) {
+          // Scores are indexed j - lo; the gap's slots stay unused.
+          const float* qv = layer.q + ((b * heads_q + h) * rows + r) * dim;
+          const float* kbase = layer.k + (b * layer.heads_kv + h / group) * keys * dim;
+          float best = -std::numeric_limits<float>::infinity();
+          for (const auto& piece : pieces) {
+            best = scaled_dots(qv, kbase, piece[0], piece[1], dim, layer.scale, scores.data() + (piece[0] - lo),
+                               best);
           }
-        }
-        const float weight = static_cast<float>(1.0 / total) * inv_heads;
-        for (py::ssize_t i = 0; i < n_img; ++i) {
-          const py::ssize_t j = img_start[b] + i;
-          if (j >= lo && j < hi && (j < gap_lo || j >= gap_hi)) row_out[i] += scores[j - lo] * weight;
+          // Exponentials kept in scores for the image keys below; summed in double.
+          double total = 0.0;
+          for (const auto& piece : pieces) {
+            total += exponentiate(scores.data() + (piece[0] - lo), piece[1] - piece[0], best);
+          }
+          const float weight = static_cast<float>(1.0 / total) * inv_heads;
+          for (py::ssize_t i = 0; i < n_img; ++i) {
+            const py::ssize_t j = spans.image_start[b] + i;
+            if (j >= lo && j < hi && (j < gap_lo || j >= gap_hi)) row_out[i] += scores[j - lo] * weight;
+          }
         }
       }
     }
   }
+}
+
+}  // namespace
+
+py::array_t<float> image_attention(const py::array& q, const py::array& k, const py::array& image_start,
+                                   const py::array& image_len, const py::array& key_start, const py::array& key_end,
+                                   double scale, py::ssize_t num_image_keys, const py::object& gap_start,
+                                   const py::object& gap_end, const py::object& out_arg) {
+  require_ndim(q, "q", 4, "[B, Hq, R, D]");
+  const py::ssize_t batch = q.shape(0), heads_q = q.shape(1), rows = q.shape(2), dim = q.shape(3);
+  std::vector<LayerInputs> layers{check_layer(q, k, scale, batch, heads_q, rows, dim, "")};
+  py::array gap_start_a, gap_end_a;
+  const RowSpans spans = check_spans(image_start, image_len, key_start, key_end, gap_start, gap_end, batch, rows,
+                                     num_image_keys, gap_start_a, gap_end_a);
+  py::array_t<float> out = output_array(out_arg, batch, rows, num_image_keys);
+  accumulate(layers, batch, heads_q, rows, dim, num_image_keys, spans, out.mutable_data());
+  return out;
+}
+
+py::array_t<float> image_attention_layers(const py::sequence& queries, const py::sequence& keys,
+                                          const py::sequence& scales, const py::array& image_start,
+                                          const py::array& image_len, const py::array& key_start,
+                                          const py::array& key_end, py::ssize_t num_image_keys,
+                                          const py::object& gap_start, const py::object& gap_end,
+                                          const py::object& out_arg) {
+  const auto count = static_cast<py::ssize_t>(queries.size());
+  if (count == 0 || static_cast<py::ssize_t>(keys.size()) != count ||
+      static_cast<py::ssize_t>(scales.size()) != count) {
+    fail("queries, keys and scales must be non-empty and of one length, got " + std::to_string(queries.size()) +
+         ", " + std::to_string(keys.size()) + " and " + std::to_string(scales.size()));
+  }
+  // Keep the arrays alive while their pointers are used.
+  std::vector<py::array> q_arrays, k_arrays;
+  for (py::ssize_t i = 0; i < count; ++i) {
+    if (!py::isinstance<py::array>(queries[i]) || !py::isinstance<py::array>(keys[i])) {
+      fail("queries[" + std::to_string(i) + "] and keys[" + std::to_string(i) + "] must be numpy arrays");
+    }
+    q_arrays.push_back(py::reinterpret_borrow<py::array>(queries[i]));
+    k_arrays.push_back(py::reinterpret_borrow<py::array>(keys[i]));
+  }
+  require_ndim(q_arrays[0], "queries[0]", 4, "[B, Hq, R, D]");
+  const py::ssize_t batch = q_arrays[0].shape(0), heads_q = q_arrays[0].shape(1), rows = q_arrays[0].shape(2),
+                    dim = q_arrays[0].shape(3);
+  std::vector<LayerInputs> layers;
+  for (py::ssize_t i = 0; i < count; ++i) {
+    layers.push_back(check_layer(q_arrays[i], k_arrays[i], scales[i].cast<double>(), batch, heads_q, rows, dim,
+                                 "[" + std::to_string(i) + "]"));
+  }
+  py::array gap_start_a, gap_end_a;
+  const RowSpans spans = check_spans(image_start, image_len, key_start, key_end, gap_start, gap_end, batch, rows,
+                                     num_image_keys, gap_start_a, gap_end_a);
+  py::array_t<float> out = output_array(out_arg, batch, rows, num_image_keys);
+  accumulate(layers, batch, heads_q, rows, dim, num_image_keys, spans, out.mutable_data());
   return out;
 }
 

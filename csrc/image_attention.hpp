@@ -13,4 +13,12 @@ py::array_t<float> image_attention(const py::array& q, const py::array& k, const
                                    double scale, py::ssize_t num_image_keys, const py::object& gap_start,
                                    const py::object& gap_end, const py::object& out);
 
+// The same for several layers at once (one query and key array per layer), summed into one result.
+py::array_t<float> image_attention_layers(const py::sequence& queries, const py::sequence& keys,
+                                          const py::sequence& scales, const py::array& image_start,
+                                          const py::array& image_len, const py::array& key_start,
+                                          const py::array& key_end, py::ssize_t num_image_keys,
+                                          const py::object& gap_start, const py::object& gap_end,
+                                          const py::object& out);
+
 }  // namespace pixfound

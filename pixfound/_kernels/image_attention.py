@@ -40,7 +40,13 @@ import torch
 
 from pixfound._kernels._backend import interpreting, resolve_backend, triton_available, use_triton
 
-__all__ = ["choose_backend", "image_attention", "image_attention_cpp_into", "image_attention_reference"]
+__all__ = [
+    "choose_backend",
+    "image_attention",
+    "image_attention_cpp_into",
+    "image_attention_layers_cpp_into",
+    "image_attention_reference",
+]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
@@ -512,6 +518,36 @@ def image_attention_cpp_into(
     _C.image_attention(_host_array(q), _host_array(k), _host_array(image_start), _host_array(image_len),
                        _host_array(key_start), _host_array(key_end), float(scale), out.shape[-1], *gaps,
                        out=out.numpy())
+    return out
+
+
+def image_attention_layers_cpp_into(
+    out: torch.Tensor,
+    queries: list[torch.Tensor],
+    keys: list[torch.Tensor],
+    scales: list[float],
+    *,
+    image_start: torch.Tensor | np.ndarray,
+    image_len: torch.Tensor | np.ndarray,
+    key_start: torch.Tensor | np.ndarray,
+    key_end: torch.Tensor | np.ndarray,
+    gap_start: torch.Tensor | np.ndarray | None = None,
+    gap_end: torch.Tensor | np.ndarray | None = None,
+) -> torch.Tensor:
+    """:func:`image_attention_cpp_into` for several layers in one C++ call, added into ``out`` in layer order.
+
+    One query ``[B, Hq, R, D]``, key ``[B, Hkv, L, D]`` and scale per layer, the same indices for
+    all. The probe collects a generation step's layers and makes one call per step: the result has
+    the bits of one call per layer, without the Python around each.
+    """
+    from pixfound import _C
+
+    if out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 CPU tensor, got {out.dtype} on {out.device}")
+    gaps = [None if gap is None else _host_array(gap) for gap in (gap_start, gap_end)]
+    _C.image_attention_layers([_host_array(q) for q in queries], [_host_array(k) for k in keys],
+                              [float(s) for s in scales], _host_array(image_start), _host_array(image_len),
+                              _host_array(key_start), _host_array(key_end), out.shape[-1], *gaps, out=out.numpy())
     return out
 
 

@@ -36,7 +36,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from pixfound._kernels.image_attention import choose_backend, image_attention, image_attention_cpp_into
+from pixfound._kernels.image_attention import choose_backend, image_attention, image_attention_layers_cpp_into
 
 __all__ = [
     "FUSED_ATTENTION",
@@ -259,7 +259,8 @@ class ImageAttentionCapture:
         self._step_sum: Optional[torch.Tensor] = None
         self._step_layers = 0
         self._row_cache: Optional[tuple] = None
-        self._host_path: Optional[bool] = None  # the C++ path, adding into the step sum in place
+        self._host_path: Optional[bool] = None  # the C++ path: one call per step for all layers
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (query row, keys, scale) per layer
         self._gaps: Optional[torch.Tensor] = None  # device flag: a valid-key row was not one contiguous range
         self._image_start: Optional[torch.Tensor] = None
         self._image_len: Optional[torch.Tensor] = None
@@ -310,6 +311,7 @@ class ImageAttentionCapture:
         self._row_cache = None
 
     def _close_step(self) -> None:
+        self._flush_layers()
         if self._step >= 0 and self._step_sum is not None:
             self._steps.append(self._step_sum[:, 0])
             self._layer_counts.append(self._step_layers)
@@ -388,15 +390,11 @@ class ImageAttentionCapture:
         row, key_start, key_end, gap_start, gap_end = self._rows_and_ranges(query, key, attention_mask)
         began = self._timer.start(query.device)
         if self._host_path:
-            # One C++ call adds this layer into the step's sum: the Python around it is what a small
-            # model's layer costs, so the checks of image_attention() are left to the C++ side.
-            if self._step_sum is None:
-                self._step_sum = torch.zeros(self.batch_size, 1, self.num_image_keys, dtype=torch.float32)
-            image_attention_cpp_into(
-                self._step_sum, query[:, :, row : row + 1], key, image_start=self._image_start_np,
-                image_len=self._image_len_np, key_start=key_start, key_end=key_end, scale=scaling,
-                gap_start=gap_start, gap_end=gap_end,
-            )
+            # The step's layers go to C++ in one call when the step ends (_flush_layers): for a small
+            # model the Python around a per-layer call costs as much as the layer itself. Keeping
+            # the keys until then holds no extra memory (they are the cache's own tensors), and the
+            # next step's forward, which could update a cache in place, starts after the flush.
+            self._pending.append((query[:, :, row : row + 1].contiguous(), key, scaling))
             self._step_layers += 1
             self._timer.stop(began)
             return
@@ -419,6 +417,23 @@ class ImageAttentionCapture:
         else:
             self._step_sum.add_(probs)
         self._step_layers += 1
+        self._timer.stop(began)
+
+    def _flush_layers(self) -> None:
+        """Sum the pending layers of this step into its buffer with one C++ call (host path)."""
+        if not self._pending:
+            return
+        began = self._timer.start(torch.device("cpu"))
+        _, key_start, key_end, gap_start, gap_end = self._row_cache
+        if self._step_sum is None:
+            self._step_sum = torch.zeros(self.batch_size, 1, self.num_image_keys, dtype=torch.float32)
+        queries, keys, scales = zip(*self._pending)
+        self._pending = []
+        image_attention_layers_cpp_into(
+            self._step_sum, list(queries), list(keys), list(scales), image_start=self._image_start_np,
+            image_len=self._image_len_np, key_start=key_start, key_end=key_end, gap_start=gap_start,
+            gap_end=gap_end,
+        )
         self._timer.stop(began)
 
     def capture_seconds(self) -> float:
