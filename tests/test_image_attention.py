@@ -425,6 +425,46 @@ def test_cpp_into_adds_into_out_and_rejects_an_out_it_would_copy() -> None:
                                  **index_args)
 
 
+def test_cpp_layers_call_equals_one_call_per_layer_bit_for_bit() -> None:
+    """The probe's one call per step (all layers) gives the bits of one call per layer, gap included."""
+    import numpy as np
+
+    from pixfound import _C
+    from pixfound._kernels.image_attention import image_attention_cpp_into, image_attention_layers_cpp_into
+
+    layers = [make_inputs(CASES[4], seed=20 + i) for i in range(3)]
+    first = layers[0]
+    batch, rows = first.q.shape[0], first.q.shape[2]
+    width = int(first.image_len.max())
+    index_args = {name: getattr(first, name) for name in ("image_start", "image_len", "key_start", "key_end")}
+    gaps = dict(gap_start=first.key_start + 1, gap_end=first.key_start + 3)
+    one_by_one = torch.zeros(batch, rows, width)
+    for layer in layers:
+        image_attention_cpp_into(one_by_one, layer.q, layer.k, scale=layer.scale, **index_args, **gaps)
+    together = image_attention_layers_cpp_into(
+        torch.zeros(batch, rows, width), [l.q for l in layers], [l.k for l in layers], [l.scale for l in layers],
+        **index_args, **gaps,
+    )
+    assert torch.equal(together, one_by_one)
+    expected = sum(image_attention_reference(l.q, l.k, **index_args, scale=l.scale, num_image_keys=width, **gaps)
+                   for l in layers)
+    torch.testing.assert_close(together, expected, atol=3e-6, rtol=1e-5)
+
+    arrays = dict(image_start=first.image_start.numpy(), image_len=first.image_len.numpy(),
+                  key_start=first.key_start.numpy(), key_end=first.key_end.contiguous().numpy())
+    q, k = first.q.numpy(), first.k.numpy()
+    with pytest.raises(ValueError, match="of one length"):
+        _C.image_attention_layers([q, q], [k], [1.0, 1.0], num_image_keys=width, **arrays)
+    with pytest.raises(ValueError, match="non-empty"):
+        _C.image_attention_layers([], [], [], num_image_keys=width, **arrays)
+    with pytest.raises(ValueError, match=r"q\[1\]"):
+        _C.image_attention_layers([q, q[:, :1]], [k, k], [1.0, 1.0], num_image_keys=width, **arrays)
+    with pytest.raises(ValueError, match="numpy arrays"):
+        _C.image_attention_layers([q, [0.0]], [k, k], [1.0, 1.0], num_image_keys=width, **arrays)
+    with pytest.raises(ValueError, match=r"k\[0\] must be float32"):
+        _C.image_attention_layers([q], [k.astype(np.float64)], [1.0], num_image_keys=width, **arrays)
+
+
 # ----------------------------------------------------------------------------------------------
 # A gap of excluded keys per sample (gap_start / gap_end): padding between a shared prefix and
 # each sample's own prompt
