@@ -365,3 +365,15 @@ def test_sam_precision_and_encoder_batch_flags_reach_the_config():
     assert config.sam_dtype == "bfloat16" and config.sam_batch_size == 6  # encoder batch follows --batch-size
     config = _eval_config(build_parser().parse_args(["eval", "--sam-batch-size", "2", "--output", "unused"]))
     assert config.sam_dtype == "float32" and config.sam_batch_size == 2
+
+
+def test_prefix_sharing_and_cpp_backend_flags_reach_the_config():
+    from pixfound.cli import _eval_config, build_parser
+
+    config = _eval_config(build_parser().parse_args(["eval", "--output", "unused"]))
+    assert config.share_image_prefix is False and config.kernel_backend == "auto"
+    config = _eval_config(build_parser().parse_args(["eval", "--share-image-prefix", "--kernel-backend", "cpp",
+                                                     "--output", "unused"]))
+    assert config.share_image_prefix is True and config.kernel_backend == "cpp"
+    with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--kernel-backend", "cuda"])
