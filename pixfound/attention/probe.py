@@ -33,6 +33,7 @@ import threading
 import time
 from typing import Any, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -259,6 +260,7 @@ class ImageAttentionCapture:
         self._step_sum: Optional[torch.Tensor] = None
         self._step_layers = 0
         self._row_cache: Optional[tuple] = None
+        self._previous_ranges: Optional[tuple] = None  # (kv_len, mask is None, key_start, gap_start, gap_end)
         self._host_path: Optional[bool] = None  # the C++ path: one call per step for all layers
         self._pending: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (query row, keys, scale) per layer
         self._gaps: Optional[torch.Tensor] = None  # device flag: a valid-key row was not one contiguous range
@@ -345,6 +347,16 @@ class ImageAttentionCapture:
             self._gaps = torch.zeros((), dtype=torch.bool, device=device)
         row = _query_row(self.first_token_row, self._step, q_len)
         position = kv_len - q_len + row  # absolute position of that query (keys = past + current)
+        previous = self._previous_ranges
+        if q_len == 1 and previous is not None and previous[0] == kv_len - 1 and previous[1] == (attention_mask is None):
+            # A decode step only appends one valid key (generate extends the 2D mask with ones): the
+            # first valid key and the padding gap stay those of the step before; the row ends at kv_len.
+            _, _, key_start, gap_start, gap_end = previous
+            key_end = (np.full((batch, 1), kv_len, dtype=np.int64) if self._host_path
+                       else torch.full((batch, 1), kv_len, dtype=torch.int64, device=device))
+            self._previous_ranges = (kv_len, attention_mask is None, key_start, gap_start, gap_end)
+            self._row_cache = (row, key_start, key_end, gap_start, gap_end)
+            return self._row_cache
         gap_start = gap_end = None
         if attention_mask is None:
             # SDPA skipped the mask: no padding, plain causal attention.
@@ -375,6 +387,7 @@ class ImageAttentionCapture:
             key_start, key_end, gap_start, gap_end = (
                 None if t is None else t.contiguous().numpy() for t in (key_start, key_end, gap_start, gap_end)
             )
+        self._previous_ranges = (kv_len, attention_mask is None, key_start, gap_start, gap_end)
         self._row_cache = (row, key_start, key_end, gap_start, gap_end)
         return self._row_cache
 
