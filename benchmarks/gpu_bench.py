@@ -205,6 +205,7 @@ class RunSizes:
     published_images: int             # e2e: images through the (batch-1) published recipe
     test_filter: Optional[str]        # tests: pytest -k expression (None: all kernel tests)
     probe_oom: bool                   # capture: look for the reference's out-of-memory batch
+    e2e_share_prefix: bool = False    # e2e: pixfound and plain runs prefill system prompt + image once per image
 
 
 def settings_for(device: str, small: bool) -> RunSizes:
@@ -845,7 +846,7 @@ def section_e2e(ctx: BenchContext, budget: Budget) -> dict:
         protocols=settings.e2e_protocols,
         selects=("oracle",), image_hw=settings.e2e_image_hw, sam=settings.e2e_sam, sam_dtype="float32",
         sam_batch_size=settings.e2e_sam_batch, device=ctx.device, dtype=str(ctx.dtype).replace("torch.", ""),
-        threads=torch.get_num_threads(),
+        threads=torch.get_num_threads(), share_image_prefix=settings.e2e_share_prefix,
     )
     batched = pipeline_bench.BenchSettings(samples=settings.e2e_images, batch_size=settings.e2e_batch, **common)
     # The published recipe is batch 1 throughout: fewer images give its images/s at a fraction of the time.
@@ -854,7 +855,7 @@ def section_e2e(ctx: BenchContext, budget: Budget) -> dict:
         f"{settings.e2e_batch} (published recipe: {settings.published_images} images, batch 1), protocols "
         f"{', '.join(map(str, settings.e2e_protocols))}, "
         f"{settings.e2e_new_tokens} new tokens, SAM {settings.e2e_sam} float32 encoder batch {settings.e2e_sam_batch}, "
-        "oracle selection")
+        "oracle selection" + (", shared image prefix" if settings.e2e_share_prefix else ""))
 
     rows, problems = [], []
     for name in E2E_PIPELINES:
@@ -1040,6 +1041,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batches", type=lambda s: tuple(int(b) for b in s.split(",")), default=None,
                         help="capture batches (default 1,8,32; --small 1,2)")
     parser.add_argument("--new-tokens", type=int, default=None, help="new tokens per capture run (default 64)")
+    parser.add_argument("--share-image-prefix", action="store_true",
+                        help="e2e: pixfound and plain runs use --share-image-prefix (the published recipe never does)")
     parser.add_argument("--json-out", type=pathlib.Path, default=None,
                         help="results JSON (default $OUT/gpu_bench.json when OUT is set)")
     parser.add_argument("--markdown-out", type=pathlib.Path, default=None,
@@ -1085,6 +1088,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         settings = dataclasses.replace(settings, batches=tuple(args.batches))
     if args.new_tokens is not None:
         settings = dataclasses.replace(settings, new_tokens=args.new_tokens)
+    if args.share_image_prefix:
+        settings = dataclasses.replace(settings, e2e_share_prefix=True)
     sections = [s for s in args.sections if not (s == "tests" and args.skip_tests)]
     out_dir = pathlib.Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     json_out = args.json_out or (out_dir / "gpu_bench.json" if out_dir else None)

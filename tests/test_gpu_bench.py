@@ -41,8 +41,8 @@ def small_run(tmp_path_factory) -> tuple[dict, str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("OUT", None)
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--device", "cpu", "--small", "--json-out", str(json_path),
-         "--markdown-out", str(markdown_path)],
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--small", "--share-image-prefix", "--json-out",
+         str(json_path), "--markdown-out", str(markdown_path)],
         cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
     )
     assert json_path.is_file(), (f"no JSON written (exit {done.returncode}):\n"
@@ -115,6 +115,7 @@ def test_small_run_e2e_section(small_run):
     rows = {row["pipeline"]: row for row in section["rows"]}
     assert set(rows) == set(gpu_bench.E2E_PIPELINES)
     settings = results["settings"]
+    assert settings["e2e_share_prefix"] is True  # the pixfound and plain runs reuse each image's prefix
     for name, row in rows.items():
         assert row["status"] == "ok", row
         assert row["images_per_s"] > 0 and row["wall_s"] > 0
