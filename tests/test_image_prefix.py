@@ -175,6 +175,8 @@ def test_pipeline_encodes_each_prefix_once_and_keeps_the_records():
         assert pipeline._prefixes == {}
     full, shared = records[False], records[True]
     assert [r["key"] for r in full] == [r["key"] for r in shared]
+    assert not any(r["generation"]["image_prefix_shared"] for r in full)
+    assert all(r["generation"]["image_prefix_shared"] for r in shared)
     for a, b in zip(full, shared):
         assert a["answer"] == b["answer"] and a["token_ids"] == b["token_ids"], a["key"]
         if a["grounding"] is not None:

@@ -325,6 +325,8 @@ class GroundingPipeline:
                 "first_token_row": config.first_token_row,
                 "vqa_template": config.vqa_template,
                 "grounding_template": config.grounding_template,
+                # whether this answer reused its image's prefix cache (--share-image-prefix)
+                "image_prefix_shared": bool(generation.timings.get("prefix_shared", False)),
             },
         }
 
