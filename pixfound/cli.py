@@ -332,7 +332,8 @@ def _check_model_name(name: str) -> None:
 
 def _eval_header(config: Any) -> str:
     lines = [f"pixfound eval: model {config.model}, benchmark {config.benchmark}, protocols "
-             f"{','.join(map(str, config.protocols))}, selection {','.join(config.selects)}, capture {config.capture}",
+             f"{','.join(map(str, config.protocols))}, selection {','.join(config.selects)}, capture {config.capture}"
+             + (", shared image prefix" if config.share_image_prefix else ""),
              f"output: {config.output}"]
     if config.uses_random_weights:
         what = [n for n, random in (("the model", config.model.startswith("tiny-")), ("SAM", config.sam_model == "tiny"))

@@ -318,7 +318,9 @@ def render_markdown(summary: dict) -> str:
         f"- spaCy pipeline: `{spacy.get('name', config.get('spacy_pipeline'))}` {spacy.get('version', '')}".rstrip(),
         f"- phrase vectors (similarity): `{components.get('phrase_vectors') or 'not used'}`",
         f"- judge: `{components.get('judge') or config.get('judge', 'none')}`",
-        f"- attention capture: `{config.get('capture')}` (first token: {config.get('first_token_row')} prefill row)",
+        f"- attention capture: `{config.get('capture')}` (first token: {config.get('first_token_row')} prefill row"
+        + ("; system prompt + image prefilled once per image, `--share-image-prefix`)" if config.get("share_image_prefix")
+           else ")"),
         f"- protocols: {', '.join(str(p) for p in config.get('protocols', []))}; selection: "
         f"{', '.join(config.get('selects', []))}; generation: "
         + ("greedy" if not config.get("do_sample") else f"sampling, temperature {config.get('temperature')}, seed {config.get('seed')}")
