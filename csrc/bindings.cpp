@@ -27,13 +27,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("image_attention", &pixfound::image_attention, py::arg("q"), py::arg("k"), py::arg("image_start"),
         py::arg("image_len"), py::arg("key_start"), py::arg("key_end"), py::arg("scale"), py::arg("num_image_keys"),
         py::arg("gap_start") = py::none(), py::arg("gap_end") = py::none(), py::arg("out") = py::none(),
+        py::arg("num_threads") = 0,
         "Head-mean softmax of float32 query rows [B,Hq,R,D] over keys [B,Hkv,L,D], image keys only -> [B,R,N]; "
         "optional int64 gap_start/gap_end [B] (both or neither) exclude keys [gap_start, gap_end) of each sample; "
-        "with out (float32 [B,R,N], C-contiguous) the result is added into it and out is returned.");
+        "with out (float32 [B,R,N], C-contiguous) the result is added into it and out is returned; "
+        "num_threads caps the OpenMP threads (0: OpenMP's default).");
   m.def("image_attention_layers", &pixfound::image_attention_layers, py::arg("queries"), py::arg("keys"),
         py::arg("scales"), py::arg("image_start"), py::arg("image_len"), py::arg("key_start"), py::arg("key_end"),
         py::arg("num_image_keys"), py::arg("gap_start") = py::none(), py::arg("gap_end") = py::none(),
-        py::arg("out") = py::none(),
+        py::arg("out") = py::none(), py::arg("num_threads") = 0,
         "image_attention for several layers in one call (lists of q, k and scale per layer), summed over the "
         "layers in order; the probe's per-step path on the CPU.");
 #ifdef _OPENMP

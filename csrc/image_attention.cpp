@@ -15,6 +15,10 @@
 
 #include "common.hpp"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace pixfound {
 
 namespace {
@@ -207,7 +211,8 @@ py::array_t<float> output_array(const py::object& out_arg, py::ssize_t batch, py
 // Layers run innermost per row, so the additions into an entry happen in the same order as one
 // call per layer would make them (the same bits).
 void accumulate(const std::vector<LayerInputs>& layers, py::ssize_t batch, py::ssize_t heads_q, py::ssize_t rows,
-                py::ssize_t dim, py::ssize_t num_image_keys, const RowSpans& spans, float* op) {
+                py::ssize_t dim, py::ssize_t num_image_keys, const RowSpans& spans, float* op,
+                py::ssize_t num_threads) {
   py::ssize_t max_keys = 0, work = 0;
   for (const auto& layer : layers) {
     max_keys = std::max(max_keys, layer.keys);
@@ -216,9 +221,16 @@ void accumulate(const std::vector<LayerInputs>& layers, py::ssize_t batch, py::s
   const float inv_heads = 1.0f / static_cast<float>(heads_q);
   // Threads only pay off on large calls: per decode step the work is small, and waking a second
   // OpenMP runtime beside torch's costs more than it saves.
-  const bool parallel = work >= (py::ssize_t(1) << 24);
+  // At most num_threads (the caller passes torch's thread count; 0: OpenMP's default).
+#ifdef _OPENMP
+  const int threads = num_threads > 0 ? static_cast<int>(num_threads) : omp_get_max_threads();
+#else
+  const int threads = 1;
+  (void)num_threads;
+#endif
+  const bool parallel = threads > 1 && work >= (py::ssize_t(1) << 24);
   py::gil_scoped_release release;
-#pragma omp parallel if (parallel)
+#pragma omp parallel if (parallel) num_threads(threads)
   {
     std::vector<float> scores(static_cast<size_t>(max_keys));
 #pragma omp for schedule(static)
@@ -270,7 +282,7 @@ void accumulate(const std::vector<LayerInputs>& layers, py::ssize_t batch, py::s
 py::array_t<float> image_attention(const py::array& q, const py::array& k, const py::array& image_start,
                                    const py::array& image_len, const py::array& key_start, const py::array& key_end,
                                    double scale, py::ssize_t num_image_keys, const py::object& gap_start,
-                                   const py::object& gap_end, const py::object& out_arg) {
+                                   const py::object& gap_end, const py::object& out_arg, py::ssize_t num_threads) {
   require_ndim(q, "q", 4, "[B, Hq, R, D]");
   const py::ssize_t batch = q.shape(0), heads_q = q.shape(1), rows = q.shape(2), dim = q.shape(3);
   std::vector<LayerInputs> layers{check_layer(q, k, scale, batch, heads_q, rows, dim, "")};
@@ -278,7 +290,7 @@ py::array_t<float> image_attention(const py::array& q, const py::array& k, const
   const RowSpans spans = check_spans(image_start, image_len, key_start, key_end, gap_start, gap_end, batch, rows,
                                      num_image_keys, gap_start_a, gap_end_a);
   py::array_t<float> out = output_array(out_arg, batch, rows, num_image_keys);
-  accumulate(layers, batch, heads_q, rows, dim, num_image_keys, spans, out.mutable_data());
+  accumulate(layers, batch, heads_q, rows, dim, num_image_keys, spans, out.mutable_data(), num_threads);
   return out;
 }
 
@@ -287,7 +299,7 @@ py::array_t<float> image_attention_layers(const py::sequence& queries, const py:
                                           const py::array& image_len, const py::array& key_start,
                                           const py::array& key_end, py::ssize_t num_image_keys,
                                           const py::object& gap_start, const py::object& gap_end,
-                                          const py::object& out_arg) {
+                                          const py::object& out_arg, py::ssize_t num_threads) {
   const auto count = static_cast<py::ssize_t>(queries.size());
   if (count == 0 || static_cast<py::ssize_t>(keys.size()) != count ||
       static_cast<py::ssize_t>(scales.size()) != count) {
@@ -315,7 +327,7 @@ py::array_t<float> image_attention_layers(const py::sequence& queries, const py:
   const RowSpans spans = check_spans(image_start, image_len, key_start, key_end, gap_start, gap_end, batch, rows,
                                      num_image_keys, gap_start_a, gap_end_a);
   py::array_t<float> out = output_array(out_arg, batch, rows, num_image_keys);
-  accumulate(layers, batch, heads_q, rows, dim, num_image_keys, spans, out.mutable_data());
+  accumulate(layers, batch, heads_q, rows, dim, num_image_keys, spans, out.mutable_data(), num_threads);
   return out;
 }
 

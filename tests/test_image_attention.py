@@ -465,6 +465,28 @@ def test_cpp_layers_call_equals_one_call_per_layer_bit_for_bit() -> None:
         _C.image_attention_layers([q], [k.astype(np.float64)], [1.0], num_image_keys=width, **arrays)
 
 
+def test_cpp_threads_do_not_change_the_result() -> None:
+    """A call large enough for OpenMP gives the same bits on 1 and 2 threads (rows are independent)."""
+    import numpy as np
+
+    from pixfound import _C
+
+    gen = torch.Generator().manual_seed(5)
+    batch, heads, rows, keys, dim, width = 4, 8, 8, 1024, 64, 300  # 2^24 multiply-adds: the parallel branch
+    q = torch.randn(batch, heads, rows, dim, generator=gen).numpy()
+    k = torch.randn(batch, heads, keys, dim, generator=gen).numpy()
+    image_start = np.full(batch, 100, np.int64)
+    image_len = np.full(batch, width, np.int64)
+    key_start = np.zeros(batch, np.int64)
+    key_end = np.tile(np.arange(keys - rows + 1, keys + 1, dtype=np.int64), (batch, 1))
+    results = [
+        _C.image_attention(q, k, image_start, image_len, key_start, key_end, 0.125, width, num_threads=threads)
+        for threads in (1, 2)
+    ]
+    assert np.array_equal(results[0], results[1])
+    assert results[0].sum() > 0
+
+
 # ----------------------------------------------------------------------------------------------
 # A gap of excluded keys per sample (gap_start / gap_end): padding between a shared prefix and
 # each sample's own prompt

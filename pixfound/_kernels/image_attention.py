@@ -508,7 +508,8 @@ def image_attention_cpp_into(
     checks its spans once), while the C++ side still checks every dtype and shape and clamps every
     index. ``q``/``k`` are float32 CPU tensors; the indices int64 CPU tensors or NumPy arrays (the
     probe converts them once per step); ``out`` a
-    contiguous float32 CPU tensor ``[B, R, N]`` (``N`` = the number of image keys to keep).
+    contiguous float32 CPU tensor ``[B, R, N]`` (``N`` = the number of image keys to keep). Large
+    calls run on at most ``torch.get_num_threads()`` OpenMP threads; the result does not depend on it.
     """
     from pixfound import _C
 
@@ -517,7 +518,7 @@ def image_attention_cpp_into(
     gaps = [None if gap is None else _host_array(gap) for gap in (gap_start, gap_end)]  # C++ rejects one alone
     _C.image_attention(_host_array(q), _host_array(k), _host_array(image_start), _host_array(image_len),
                        _host_array(key_start), _host_array(key_end), float(scale), out.shape[-1], *gaps,
-                       out=out.numpy())
+                       out=out.numpy(), num_threads=torch.get_num_threads())
     return out
 
 
@@ -547,7 +548,8 @@ def image_attention_layers_cpp_into(
     gaps = [None if gap is None else _host_array(gap) for gap in (gap_start, gap_end)]
     _C.image_attention_layers([_host_array(q) for q in queries], [_host_array(k) for k in keys],
                               [float(s) for s in scales], _host_array(image_start), _host_array(image_len),
-                              _host_array(key_start), _host_array(key_end), out.shape[-1], *gaps, out=out.numpy())
+                              _host_array(key_start), _host_array(key_end), out.shape[-1], *gaps, out=out.numpy(),
+                              num_threads=torch.get_num_threads())
     return out
 
 
