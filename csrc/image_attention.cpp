@@ -277,6 +277,20 @@ void accumulate(const std::vector<LayerInputs>& layers, py::ssize_t batch, py::s
   }
 }
 
+// Both entry points after their q/k checks: the index checks, the output array, the sum.
+py::array_t<float> run_layers(const std::vector<LayerInputs>& layers, py::ssize_t batch, py::ssize_t heads_q,
+                              py::ssize_t rows, py::ssize_t dim, const py::array& image_start,
+                              const py::array& image_len, const py::array& key_start, const py::array& key_end,
+                              py::ssize_t num_image_keys, const py::object& gap_start, const py::object& gap_end,
+                              const py::object& out_arg, py::ssize_t num_threads) {
+  py::array gap_start_a, gap_end_a;
+  const RowSpans spans = check_spans(image_start, image_len, key_start, key_end, gap_start, gap_end, batch, rows,
+                                     num_image_keys, gap_start_a, gap_end_a);
+  py::array_t<float> out = output_array(out_arg, batch, rows, num_image_keys);
+  accumulate(layers, batch, heads_q, rows, dim, num_image_keys, spans, out.mutable_data(), num_threads);
+  return out;
+}
+
 }  // namespace
 
 py::array_t<float> image_attention(const py::array& q, const py::array& k, const py::array& image_start,
@@ -285,13 +299,9 @@ py::array_t<float> image_attention(const py::array& q, const py::array& k, const
                                    const py::object& gap_end, const py::object& out_arg, py::ssize_t num_threads) {
   require_ndim(q, "q", 4, "[B, Hq, R, D]");
   const py::ssize_t batch = q.shape(0), heads_q = q.shape(1), rows = q.shape(2), dim = q.shape(3);
-  std::vector<LayerInputs> layers{check_layer(q, k, scale, batch, heads_q, rows, dim, "")};
-  py::array gap_start_a, gap_end_a;
-  const RowSpans spans = check_spans(image_start, image_len, key_start, key_end, gap_start, gap_end, batch, rows,
-                                     num_image_keys, gap_start_a, gap_end_a);
-  py::array_t<float> out = output_array(out_arg, batch, rows, num_image_keys);
-  accumulate(layers, batch, heads_q, rows, dim, num_image_keys, spans, out.mutable_data(), num_threads);
-  return out;
+  const std::vector<LayerInputs> layers{check_layer(q, k, scale, batch, heads_q, rows, dim, "")};
+  return run_layers(layers, batch, heads_q, rows, dim, image_start, image_len, key_start, key_end, num_image_keys,
+                    gap_start, gap_end, out_arg, num_threads);
 }
 
 py::array_t<float> image_attention_layers(const py::sequence& queries, const py::sequence& keys,
@@ -323,12 +333,8 @@ py::array_t<float> image_attention_layers(const py::sequence& queries, const py:
     layers.push_back(check_layer(q_arrays[i], k_arrays[i], scales[i].cast<double>(), batch, heads_q, rows, dim,
                                  "[" + std::to_string(i) + "]"));
   }
-  py::array gap_start_a, gap_end_a;
-  const RowSpans spans = check_spans(image_start, image_len, key_start, key_end, gap_start, gap_end, batch, rows,
-                                     num_image_keys, gap_start_a, gap_end_a);
-  py::array_t<float> out = output_array(out_arg, batch, rows, num_image_keys);
-  accumulate(layers, batch, heads_q, rows, dim, num_image_keys, spans, out.mutable_data(), num_threads);
-  return out;
+  return run_layers(layers, batch, heads_q, rows, dim, image_start, image_len, key_start, key_end, num_image_keys,
+                    gap_start, gap_end, out_arg, num_threads);
 }
 
 }  // namespace pixfound

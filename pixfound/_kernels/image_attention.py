@@ -511,15 +511,10 @@ def image_attention_cpp_into(
     contiguous float32 CPU tensor ``[B, R, N]`` (``N`` = the number of image keys to keep). Large
     calls run on at most ``torch.get_num_threads()`` OpenMP threads; the result does not depend on it.
     """
-    from pixfound import _C
-
-    if out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous float32 CPU tensor, got {out.dtype} on {out.device}")
-    gaps = [None if gap is None else _host_array(gap) for gap in (gap_start, gap_end)]  # C++ rejects one alone
-    _C.image_attention(_host_array(q), _host_array(k), _host_array(image_start), _host_array(image_len),
-                       _host_array(key_start), _host_array(key_end), float(scale), out.shape[-1], *gaps,
-                       out=out.numpy(), num_threads=torch.get_num_threads())
-    return out
+    return image_attention_layers_cpp_into(
+        out, [q], [k], [scale], image_start=image_start, image_len=image_len, key_start=key_start, key_end=key_end,
+        gap_start=gap_start, gap_end=gap_end,
+    )
 
 
 def image_attention_layers_cpp_into(
