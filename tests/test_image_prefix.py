@@ -186,7 +186,7 @@ def test_pipeline_encodes_each_prefix_once_and_keeps_the_records():
 def test_share_image_prefix_is_ignored_for_families_that_cannot():
     pipeline = _pipeline(model="tiny-qwen2-vl", share_image_prefix=True, protocols=(1,))
     assert not pipeline.shares_image_prefix
-    assert pipeline._image_prefixes([]) == (None, 0.0)
+    assert pipeline._image_prefixes([]) is None
 
 
 def test_cpp_kernel_backend_runs_the_pipeline_and_matches_torch():

@@ -193,16 +193,15 @@ class GroundingPipeline:
     def shares_image_prefix(self) -> bool:
         return bool(self.config.share_image_prefix) and bool(getattr(self.adapter, "shares_image_prefix", False))
 
-    def _image_prefixes(self, items: Sequence[Any]) -> tuple[Optional[list], float]:
+    def _image_prefixes(self, items: Sequence[Any]) -> Optional[list]:
         """Cached prompt prefixes (system prompt + image) of the items, encoding the missing ones in one call."""
         if not self.shares_image_prefix:
-            return None, 0.0
+            return None
         missing = [item for item in items if item.id not in self._prefixes]
-        started = time.perf_counter()
         if missing:
             for prefix in self.adapter.encode_image_prefixes(missing):
                 self._prefixes[prefix.sample_id] = prefix
-        return [self._prefixes[item.id] for item in items], time.perf_counter() - started
+        return [self._prefixes[item.id] for item in items]
 
     def prompts(self, samples: Sequence[Any], protocol: int) -> list[str]:
         return [build_prompt(s, protocol, vqa_template=self.config.vqa_template,
@@ -213,7 +212,7 @@ class GroundingPipeline:
         config = self.config
         started = time.perf_counter()
         # The prefix encoding counts as generate time of the batch that first needs it.
-        prefixes, _ = self._image_prefixes(items)
+        prefixes = self._image_prefixes(items)
         generations = self.adapter.generate(
             list(items), list(prompts), max_new_tokens=config.max_new_tokens, capture=capture,
             batch_size=len(items), first_token_row=config.first_token_row, do_sample=config.do_sample,
