@@ -303,6 +303,16 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
+    def _scaled_scores(q_tile, k_base, stride_kl, d_ok, keys, key_ok, scale_log2, DOT_IN_FP32: tl.constexpr):
+        """Scores of the query rows with one tile of keys, in log2 units; -inf where ``key_ok`` is False."""
+        k_tile = tl.load(k_base + keys[None, :] * stride_kl, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
+        if DOT_IN_FP32:
+            s = tl.dot(q_tile, k_tile.to(tl.float32), input_precision="ieee")
+        else:
+            s = tl.dot(q_tile, k_tile)
+        return tl.where(key_ok[None, :], s * scale_log2, float("-inf"))
+
+    @triton.jit
     def _row_softmax_stats(
         q_tile, k_base, stride_kl, d_ok, offs_n, lo, hi, m_i, l_i, scale_log2,
         BLOCK_N: tl.constexpr, DOT_IN_FP32: tl.constexpr,
@@ -310,13 +320,7 @@ if triton_available():
         """Online max and sum of exp (log2 units) of the scores of keys [lo, hi), folded into m_i, l_i."""
         for start in range(lo, hi, BLOCK_N):
             keys = start + offs_n
-            key_ok = keys < hi
-            k_tile = tl.load(k_base + keys[None, :] * stride_kl, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
-            if DOT_IN_FP32:
-                s = tl.dot(q_tile, k_tile.to(tl.float32), input_precision="ieee")
-            else:
-                s = tl.dot(q_tile, k_tile)
-            s = tl.where(key_ok[None, :], s * scale_log2, float("-inf"))
+            s = _scaled_scores(q_tile, k_base, stride_kl, d_ok, keys, keys < hi, scale_log2, DOT_IN_FP32)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no (-inf) - (-inf)
             l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
@@ -415,12 +419,7 @@ if triton_available():
             key_ok = in_image & (keys >= key_lo) & (keys < key_hi)
             if HAS_GAP:
                 key_ok = key_ok & ((keys < first_hi) | (keys >= second_lo))
-            k_tile = tl.load(k_base + keys[None, :] * stride_kl, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
-            if DOT_IN_FP32:
-                s = tl.dot(q_tile, k_tile.to(tl.float32), input_precision="ieee")
-            else:
-                s = tl.dot(q_tile, k_tile)
-            s = tl.where(key_ok[None, :], s * scale_log2, float("-inf"))
+            s = _scaled_scores(q_tile, k_base, stride_kl, d_ok, keys, key_ok, scale_log2, DOT_IN_FP32)
             p = tl.exp2(s - m_safe[:, None]) * inv_l[:, None]
             tl.store(out_row + offs, tl.sum(p, axis=0), mask=in_image)
 
