@@ -1,6 +1,8 @@
 """The attention probe: fused capture (SDPA + image_attention) against the published eager recipe."""
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -296,7 +298,9 @@ def test_mask_function_is_registered_so_padding_is_kept():
     config._attn_implementation = name
     embeds = torch.zeros(2, 5, 8)
     padding = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    mask = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=padding, cache=None)
+    # transformers renamed the cache argument (past_key_values before 5.2x, cache after).
+    cache_arg = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+    mask = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=padding, **{cache_arg: None})
     assert mask is not None and mask.shape == (2, 1, 5, 5) and mask.dtype == torch.bool
     assert not mask[0, 0, 4, :2].any() and mask[0, 0, 4, 2:].all()  # the padding keys stay masked
     assert not mask[1, 0, 2, 3:].any()  # and causality holds
