@@ -21,6 +21,22 @@ inline std::string shape_str(const py::array& a) {
   return s.str();
 }
 
+// NumPy's name of a dtype ("float64", "int32", "bool") from its kind and size. Not py::str(dtype):
+// that segfaulted in the GPU image's build (pybind11 there, NumPy 2.5), inside the error path.
+inline std::string dtype_name(const py::dtype& dt) {
+  const char kind = dt.kind();
+  const auto bits = std::to_string(8 * dt.itemsize());
+  switch (kind) {
+    case 'b': return "bool";
+    case 'f': return "float" + bits;
+    case 'i': return "int" + bits;
+    case 'u': return "uint" + bits;
+    case 'c': return "complex" + bits;
+    case 'O': return "object";
+    default: return std::string("kind '") + kind + "' of " + std::to_string(dt.itemsize()) + " bytes";
+  }
+}
+
 [[noreturn]] inline void fail(const std::string& msg) { throw py::value_error(msg); }
 
 inline void require_ndim(const py::array& a, const char* name, py::ssize_t ndim, const char* layout) {
@@ -49,7 +65,7 @@ inline void require_mask_dtype(const py::array& a, const char* name) {
   const auto dt = a.dtype();
   const char kind = dt.kind();
   if (dt.itemsize() != 1 || (kind != 'b' && kind != 'u')) {
-    fail(std::string(name) + " must be bool or uint8, got dtype " + std::string(py::str(dt)) + " with shape " +
+    fail(std::string(name) + " must be bool or uint8, got dtype " + dtype_name(dt) + " with shape " +
          shape_str(a));
   }
 }

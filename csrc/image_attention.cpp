@@ -25,7 +25,7 @@ namespace {
 
 void require_dtype(const py::array& a, const char* name, char kind, py::ssize_t itemsize, const char* expected) {
   if (a.dtype().kind() != kind || a.dtype().itemsize() != itemsize) {
-    fail(std::string(name) + " must be " + expected + ", got dtype " + std::string(py::str(a.dtype())) +
+    fail(std::string(name) + " must be " + expected + ", got dtype " + dtype_name(a.dtype()) +
          " with shape " + shape_str(a));
   }
 }

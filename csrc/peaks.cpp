@@ -160,7 +160,7 @@ py::array_t<std::int64_t> local_peaks_typed(const py::array& map, py::ssize_t mi
 void require_float_map(const py::array& a, const char* name) {
   const auto dt = a.dtype();
   if (dt.kind() != 'f' || (dt.itemsize() != 4 && dt.itemsize() != 8)) {
-    fail(std::string(name) + " must be float32 or float64, got dtype " + std::string(py::str(dt)) + " with shape " +
+    fail(std::string(name) + " must be float32 or float64, got dtype " + dtype_name(dt) + " with shape " +
          shape_str(a));
   }
 }

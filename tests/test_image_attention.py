@@ -6,7 +6,7 @@ Triton's interpreter on CPU tensors, so sizes stay small. With CUDA every test r
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import pytest
 import torch
@@ -15,6 +15,12 @@ from pixfound._kernels._backend import use_triton
 from pixfound._kernels.image_attention import image_attention, image_attention_reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CPU = torch.device("cpu")
+
+
+def backend_device(backend: str) -> torch.device:
+    """Where a backend's inputs live: the C++ path takes host tensors even on a machine with CUDA."""
+    return torch.device("cpu") if backend == "cpp" else DEVICE
 
 requires_triton = pytest.mark.skipif(
     not use_triton(torch.empty(0, device=DEVICE)),
@@ -45,6 +51,12 @@ class Inputs:
     gap_start: torch.Tensor | None = None  # both None: no gap (the argument is left out)
     gap_end: torch.Tensor | None = None
 
+    def to(self, device: torch.device) -> "Inputs":
+        """The same inputs on ``device`` (every tensor field moved)."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **moved)
+
     def kwargs(self) -> dict[str, object]:
         kwargs: dict[str, object] = dict(
             image_start=self.image_start,
@@ -60,7 +72,8 @@ class Inputs:
         return kwargs
 
 
-def make_inputs(case: Case, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> Inputs:
+def make_inputs(case: Case, *, dtype: torch.dtype = torch.float32, seed: int = 0,
+                device: torch.device = DEVICE) -> Inputs:
     """Random q/k and a random layout per sample: left padding, image span, causal row ends."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -89,15 +102,15 @@ def make_inputs(case: Case, *, dtype: torch.dtype = torch.float32, seed: int = 0
         key_end.append(ends)
 
     def tensor(values: list) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=DEVICE)
+        return torch.tensor(values, dtype=torch.int64, device=device)
 
     q = torch.randn(case.batch, case.heads_q, case.rows, case.head_dim, generator=gen)
     k = torch.randn(case.batch, case.heads_kv, num_keys, case.head_dim, generator=gen)
     # Some heads with large scores make the softmax peaked, as in real attention.
     q[:, ::2] *= 3.0
     return Inputs(
-        q=q.to(device=DEVICE, dtype=dtype),
-        k=k.to(device=DEVICE, dtype=dtype),
+        q=q.to(device=device, dtype=dtype),
+        k=k.to(device=device, dtype=dtype),
         image_start=tensor(image_start),
         image_len=tensor(image_len),
         key_start=tensor(key_start),
@@ -351,7 +364,7 @@ def test_native_cuda_kernel_at_model_sizes(dtype: torch.dtype) -> None:
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_cpp_matches_reference_fp32(case: Case) -> None:
-    inputs = make_inputs(case, seed=case.num_keys * 3 + case.heads_kv)
+    inputs = make_inputs(case, seed=case.num_keys * 3 + case.heads_kv, device=CPU)
     got = image_attention(inputs.q, inputs.k, backend="cpp", **inputs.kwargs())
     assert got.dtype == torch.float32 and got.shape == (case.batch, case.rows, int(inputs.image_len.max()))
     torch.testing.assert_close(got, run_reference(inputs), atol=1e-6, rtol=0)
@@ -360,7 +373,7 @@ def test_cpp_matches_reference_fp32(case: Case) -> None:
 
 def test_cpp_reads_strided_views_clamps_indices_and_gives_zero_rows() -> None:
     case = Case(batch=3, heads_q=4, heads_kv=2, rows=2, num_keys=41, head_dim=8, image_at="straddle")
-    inputs = make_inputs(case, seed=5)
+    inputs = make_inputs(case, seed=5, device=CPU)
     # Views transposed from [B, L, H, D], as attention layers hold them.
     q_view = inputs.q.transpose(1, 2).contiguous().transpose(1, 2)
     k_view = inputs.k.transpose(1, 2).contiguous().transpose(1, 2)
@@ -381,7 +394,7 @@ def test_cpp_backend_needs_float32_host_tensors_and_rejects_bad_arrays() -> None
 
     from pixfound import _C
 
-    inputs = make_inputs(CASES[2], dtype=torch.bfloat16, seed=3)
+    inputs = make_inputs(CASES[2], dtype=torch.bfloat16, seed=3, device=CPU)
     with pytest.raises(ValueError, match="backend='cpp' takes float32 CPU tensors"):
         image_attention(inputs.q, inputs.k, backend="cpp", **inputs.kwargs())
     q = np.zeros((1, 2, 1, 4), np.float32)
@@ -403,7 +416,7 @@ def test_cpp_into_adds_into_out_and_rejects_an_out_it_would_copy() -> None:
     from pixfound import _C
     from pixfound._kernels.image_attention import image_attention_cpp_into
 
-    inputs = make_inputs(CASES[4], seed=11)
+    inputs = make_inputs(CASES[4], seed=11, device=CPU)
     expected = image_attention_reference(inputs.q, inputs.k, **inputs.kwargs())
     batch, rows, width = expected.shape
     out = torch.zeros(batch, rows, width)
@@ -436,7 +449,7 @@ def test_cpp_layers_call_equals_one_call_per_layer_bit_for_bit() -> None:
     from pixfound import _C
     from pixfound._kernels.image_attention import image_attention_cpp_into, image_attention_layers_cpp_into
 
-    layers = [make_inputs(CASES[4], seed=20 + i) for i in range(3)]
+    layers = [make_inputs(CASES[4], seed=20 + i, device=CPU) for i in range(3)]
     first = layers[0]
     batch, rows = first.q.shape[0], first.q.shape[2]
     width = int(first.image_len.max())
@@ -668,7 +681,7 @@ def test_kernel_with_gap_low_precision_within_flash_attention_bound(
 @pytest.mark.parametrize("case, kinds", GAP_KERNEL_CASES + GAP_REFERENCE_CASES,
                          ids=GAP_KERNEL_IDS + [case_id(c) for c, _ in GAP_REFERENCE_CASES])
 def test_cpp_with_gap_matches_reference_fp32(case: Case, kinds: tuple[str, ...]) -> None:
-    inputs = with_gaps(make_inputs(case, seed=case.num_keys + 2), kinds, seed=4)
+    inputs = with_gaps(make_inputs(case, seed=case.num_keys + 2, device=CPU), kinds, seed=4)
     got = image_attention(inputs.q, inputs.k, backend="cpp", **inputs.kwargs())
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     torch.testing.assert_close(got, run_reference(inputs), atol=1e-6, rtol=0)
@@ -683,12 +696,12 @@ def _backends() -> list[str]:
 def test_no_gap_equals_an_empty_gap_bitwise_on_every_backend(dtype: torch.dtype) -> None:
     """Leaving the gap out, a gap of zeros and a gap [L, L) give the same bits as today's call."""
     case = Case(batch=3, heads_q=4, heads_kv=2, rows=2, num_keys=150, head_dim=16, image_at="straddle")
-    inputs = make_inputs(case, dtype=dtype, seed=47)
-    zeros = torch.zeros_like(inputs.key_start)
-    at_end = torch.full_like(inputs.key_start, case.num_keys)
     for backend in _backends():
         if backend == "cpp" and dtype != torch.float32:
             continue
+        inputs = make_inputs(case, dtype=dtype, seed=47, device=backend_device(backend))
+        zeros = torch.zeros_like(inputs.key_start)
+        at_end = torch.full_like(inputs.key_start, case.num_keys)
         plain = image_attention(inputs.q, inputs.k, backend=backend, **inputs.kwargs())
         for lo, hi in ((zeros, zeros), (at_end, at_end)):
             gapped = image_attention(inputs.q, inputs.k, backend=backend, **inputs.kwargs(), gap_start=lo, gap_end=hi)
@@ -708,10 +721,11 @@ def test_shared_prefix_padding_prompt_batch_equals_each_sample_alone(backend: st
     q = torch.randn(len(prompts), 6, rows, 16, generator=gen)
     k = torch.randn(len(prompts), 2, num_keys, 16, generator=gen)
     q[:, ::2] *= 3.0
-    index = dict(dtype=torch.int64, device=DEVICE)
+    device = backend_device(backend)
+    index = dict(dtype=torch.int64, device=device)
     key_end = torch.arange(num_keys - rows + 1, num_keys + 1, **index).expand(len(prompts), -1).contiguous()
     batched = image_attention(
-        q.to(DEVICE), k.to(DEVICE), backend=backend, scale=0.25,
+        q.to(device), k.to(device), backend=backend, scale=0.25,
         image_start=torch.full((3,), image_start, **index), image_len=torch.full((3,), image_len, **index),
         key_start=torch.zeros(3, **index), key_end=key_end,
         gap_start=torch.full((3,), prefix, **index), gap_end=torch.tensor([num_keys - p for p in prompts], **index),
@@ -719,7 +733,7 @@ def test_shared_prefix_padding_prompt_batch_equals_each_sample_alone(backend: st
     for b, prompt in enumerate(prompts):
         k_alone = torch.cat([k[b : b + 1, :, :prefix], k[b : b + 1, :, num_keys - prompt :]], dim=2)
         alone = image_attention(
-            q[b : b + 1].to(DEVICE), k_alone.to(DEVICE), backend=backend, scale=0.25,
+            q[b : b + 1].to(device), k_alone.to(device), backend=backend, scale=0.25,
             image_start=torch.tensor([image_start], **index), image_len=torch.tensor([image_len], **index),
             key_start=torch.zeros(1, **index), key_end=key_end[b : b + 1] - (num_keys - prompt - prefix),
         )
@@ -730,11 +744,11 @@ def test_shared_prefix_padding_prompt_batch_equals_each_sample_alone(backend: st
 def test_unvalidated_out_of_range_gaps_are_clamped(backend: str) -> None:
     """validate=False: wild gaps never read outside k; they act as their overlap with [0, L]."""
     case = Case(batch=3, heads_q=4, heads_kv=2, rows=2, num_keys=90, head_dim=8, image_at="middle")
-    inputs = make_inputs(case, seed=59)
+    inputs = make_inputs(case, seed=59, device=backend_device(backend))
     L = case.num_keys
 
     def gap(lo: list[int], hi: list[int]) -> dict[str, torch.Tensor]:
-        index = dict(dtype=torch.int64, device=DEVICE)
+        index = dict(dtype=torch.int64, device=inputs.key_start.device)
         return dict(gap_start=torch.tensor(lo, **index), gap_end=torch.tensor(hi, **index))
 
     def run(gaps: dict[str, torch.Tensor], validate: bool) -> torch.Tensor:

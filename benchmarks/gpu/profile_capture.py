@@ -1,0 +1,227 @@
+"""Where the fused capture's time goes on a GPU: one short device run (about two minutes).
+
+Builds the benchmark LLaVA-1.5-7B architecture (random fp16, benchmarks/gpu_bench.py) and prints:
+
+1. the image-attention kernel alone at decode shapes (one query row, LLaVA's 32 heads x 128,
+   650 keys): GPU time per call (CUDA events around many calls) and host time per launch, next to
+   SDPA on the same shapes;
+2. ``generate`` time per step for plain SDPA, fused capture, and fused capture with parts of the
+   probe switched off (monkeypatched here, not in the library): no in-layer timer, and the capture's
+   per-layer work reduced to bookkeeping (what the hooks and the attention wrapper cost alone);
+3. a torch.profiler table of one fused ``generate`` (self CPU and self CUDA time per op).
+
+Run on the device (benchmarks/gpu/README.md) as
+``python3 benchmarks/gpu/profile_capture.py`` after installing pixfound; ``--device cpu --small``
+runs it on tiny CPU shapes (Triton's interpreter) so that tests keep it working.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pathlib
+import statistics
+import sys
+import time
+from typing import Any, Callable, Iterator
+
+BENCH_DIR = pathlib.Path(__file__).resolve().parents[1]
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def kernel_micro(device: str, batches: tuple[int, ...], heads: int, head_dim: int, keys: int, image: int,
+                 calls: int) -> list[dict]:
+    """GPU time per call (events over ``calls`` back-to-back calls) and host time per launch."""
+    import torch
+    import torch.nn.functional as F
+
+    from pixfound._kernels.image_attention import image_attention
+
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    rows = []
+    for batch in batches:
+        gen = torch.Generator().manual_seed(batch)
+        q = torch.randn(batch, heads, 1, head_dim, generator=gen).to(device, dtype)
+        k = torch.randn(batch, heads, keys, head_dim, generator=gen).to(device, dtype)
+        v = torch.randn(batch, heads, keys, head_dim, generator=gen).to(device, dtype)
+        index = dict(dtype=torch.int64, device=device)
+        args = dict(image_start=torch.full((batch,), 35, **index), image_len=torch.full((batch,), image, **index),
+                    key_start=torch.zeros(batch, **index), key_end=torch.full((batch, 1), keys, **index),
+                    scale=head_dim ** -0.5, validate=False, num_image_keys=image)
+        variants: dict[str, Callable[[], Any]] = {
+            "image_attention (triton)": lambda: image_attention(q, k, backend="triton", **args),
+            "sdpa, same shapes": lambda: F.scaled_dot_product_attention(q, k, v),
+        }
+        for name, fn in variants.items():
+            for _ in range(3):
+                fn()
+            sync(device)
+            started = time.perf_counter()
+            if device == "cuda":
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+            for _ in range(calls):
+                fn()
+            host_us = 1e6 * (time.perf_counter() - started) / calls  # launches only, GPU still busy
+            if device == "cuda":
+                end.record()
+                end.synchronize()
+                per_call_us = 1000 * begin.elapsed_time(end) / calls
+            else:
+                per_call_us = host_us
+            rows.append(dict(batch=batch, variant=name, host_us_per_call=host_us, stream_us_per_call=per_call_us))
+            log(f"  B={batch:<3} {name:<26} host {host_us:8.1f} us/call   stream {per_call_us:8.1f} us/call")
+    return rows
+
+
+@contextlib.contextmanager
+def patched(target: Any, name: str, value: Any) -> Iterator[None]:
+    original = getattr(target, name)
+    setattr(target, name, value)
+    try:
+        yield
+    finally:
+        setattr(target, name, original)
+
+
+def _bookkeeping_only(self: Any, query: Any, key: Any, attention_mask: Any, scaling: float) -> None:
+    """The probe's per-layer entry with the kernel and the sums left out (hooks + wrapper cost)."""
+    import torch
+
+    if self._step_sum is None:
+        self._step_sum = torch.zeros(self.batch_size, 1, self.num_image_keys, device=query.device)
+    self._step_layers += 1
+
+
+class _NoTimer:
+    host_seconds = 0.0
+
+    def start(self, device: Any) -> None:
+        return None
+
+    def stop(self, begin: Any) -> None:
+        return None
+
+    def seconds(self) -> float:
+        return 0.0
+
+
+def generate_variants(adapter: Any, device: str, batches: tuple[int, ...], new_tokens: int, rounds: int) -> list[dict]:
+    from test_capture_bench import run_generate
+
+    from pixfound.attention import probe
+
+    def fused_no_timer(batch: int) -> Any:
+        original = probe.ImageAttentionCapture._reset
+
+        def reset(self: Any) -> None:
+            original(self)
+            self._timer = _NoTimer()
+
+        with patched(probe.ImageAttentionCapture, "_reset", reset):
+            return run_generate(adapter, "fused", batch, new_tokens, adapter_image_size(adapter))
+
+    def fused_bookkeeping(batch: int) -> Any:
+        with patched(probe.ImageAttentionCapture, "_add_layer", _bookkeeping_only):
+            return run_generate(adapter, "fused", batch, new_tokens, adapter_image_size(adapter))
+
+    variants: dict[str, Callable[[int], Any]] = {
+        "plain": lambda b: run_generate(adapter, "plain", b, new_tokens, adapter_image_size(adapter)),
+        "fused": lambda b: run_generate(adapter, "fused", b, new_tokens, adapter_image_size(adapter)),
+        "fused, no in-layer timer": fused_no_timer,
+        "fused, bookkeeping only": fused_bookkeeping,
+    }
+    rows = []
+    for batch in batches:
+        for fn in variants.values():  # warm-up: kernel specialisations, cuBLAS heuristics
+            fn(batch)
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(rounds):  # interleaved, so a slow spell hits every variant alike
+            for name, fn in variants.items():
+                sync(device)
+                started = time.perf_counter()
+                fn(batch)
+                sync(device)
+                times[name].append(time.perf_counter() - started)
+        plain = min(times["plain"])
+        for name, values in times.items():
+            best = min(values)
+            rows.append(dict(batch=batch, variant=name, best_s=best, median_s=statistics.median(values),
+                             ms_per_step=1000 * best / new_tokens, vs_plain=best / plain))
+            log(f"  B={batch:<3} {name:<26} best {best:6.3f} s  {1000 * best / new_tokens:7.2f} ms/step  "
+                f"x{best / plain:.3f} plain")
+    return rows
+
+
+def adapter_image_size(adapter: Any) -> int:
+    return int(adapter.model.config.vision_config.image_size)
+
+
+def profile_generate(adapter: Any, device: str, batch: int, new_tokens: int, top: int) -> str:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from test_capture_bench import run_generate
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run_generate(adapter, "fused", batch, new_tokens, adapter_image_size(adapter))
+        sync(device)
+    averages = prof.key_averages()
+    parts = [f"--- fused generate, batch {batch}, {new_tokens} new tokens: by self CPU time ---",
+             averages.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60)]
+    if device == "cuda":
+        parts += [f"--- by self CUDA time ---",
+                  averages.table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=60)]
+    del torch
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--small", action="store_true", help="tiny model and shapes (CPU test)")
+    parser.add_argument("--new-tokens", type=int, default=None)
+    args = parser.parse_args(argv)
+    import torch
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    for path in (BENCH_DIR,):
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+    import gpu_bench
+
+    small = args.small or device == "cpu"
+    spec = gpu_bench.LLAVA_SMALL if small else gpu_bench.LLAVA_1_5_7B
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    log(f"device {device}" + (f" ({torch.cuda.get_device_name(0)})" if device == "cuda" else "") +
+        f", torch {torch.__version__}")
+    log("== kernel alone at decode shapes")
+    if small:
+        kernel_micro(device, (1, 2), heads=2, head_dim=16, keys=40, image=16, calls=3)
+    else:
+        kernel_micro(device, (1, 32), heads=32, head_dim=128, keys=650, image=576, calls=200)
+    started = time.perf_counter()
+    adapter = gpu_bench.build_llava_adapter(spec, device, dtype)
+    log(f"== built {spec.name} in {time.perf_counter() - started:.1f} s")
+    new_tokens = args.new_tokens or (3 if small else 32)
+    log(f"== generate, {new_tokens} new tokens")
+    generate_variants(adapter, device, (1, 2) if small else (1, 32), new_tokens, rounds=1 if small else 2)
+    log("== profiler")
+    log(profile_generate(adapter, device, 2 if small else 32, 2 if small else 8, top=12 if small else 25))
+
+
+if __name__ == "__main__":
+    main()
