@@ -6,23 +6,22 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
-#include <sstream>
 #include <string>
 
 namespace pixfound {
 
 namespace py = pybind11;
 
+// Built with std::to_string, not std::ostringstream: on the GPU machine's image every message that
+// went through a stream segfaulted (presumably another libstdc++ loaded first), so bad input crashed.
 inline std::string shape_str(const py::array& a) {
-  std::ostringstream s;
-  s << "(";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) s << (i ? ", " : "") << a.shape(i);
-  s << (a.ndim() == 1 ? ",)" : ")");
-  return s.str();
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
-// NumPy's name of a dtype ("float64", "int32", "bool") from its kind and size. Not py::str(dtype):
-// that segfaulted in the GPU image's build (pybind11 there, NumPy 2.5), inside the error path.
+// NumPy's name of a dtype ("float64", "int32", "bool") from its kind and size: an error message
+// is built without calling back into Python.
 inline std::string dtype_name(const py::dtype& dt) {
   const char kind = dt.kind();
   const auto bits = std::to_string(8 * dt.itemsize());
@@ -41,9 +40,8 @@ inline std::string dtype_name(const py::dtype& dt) {
 
 inline void require_ndim(const py::array& a, const char* name, py::ssize_t ndim, const char* layout) {
   if (a.ndim() != ndim) {
-    std::ostringstream s;
-    s << name << " must be a " << ndim << "-d array " << layout << ", got shape " << shape_str(a);
-    fail(s.str());
+    fail(std::string(name) + " must be a " + std::to_string(ndim) + "-d array " + layout + ", got shape " +
+         shape_str(a));
   }
 }
 
