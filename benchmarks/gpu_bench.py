@@ -65,7 +65,7 @@ MIB = 1024**2
 
 # Seconds per section on the GPU; scaled to --budget-s. Capture and e2e build the 7B model once
 # (about 10-20 s on a GPU), charged to whichever runs first.
-SECTION_WEIGHTS = {"tests": 120.0, "capture": 170.0, "upsample": 30.0, "e2e": 200.0}
+SECTION_WEIGHTS = {"tests": 55.0, "capture": 100.0, "upsample": 5.0, "e2e": 110.0}
 DEFAULT_BUDGET_S = 540.0  # 9 minutes: the device session has 15, start-up and transfers included
 
 
@@ -481,7 +481,7 @@ def section_tests(ctx: BenchContext, budget: Budget) -> dict:
     import importlib.util
 
     # pytest-xdist (in the GPU image) spreads Triton's compilations over CPU cores.
-    workers = 4 if ctx.device == "cuda" and importlib.util.find_spec("xdist") is not None else 1
+    workers = 8 if ctx.device == "cuda" and importlib.util.find_spec("xdist") is not None else 1
     command = kernel_test_command(ctx.settings.test_filter, workers)
     # Run outside the checkout so `import pixfound` finds the installed package (with its compiled
     # core) rather than the source folder, which `python -m` would put first on sys.path.
@@ -618,6 +618,8 @@ def section_capture(ctx: BenchContext, budget: Budget) -> dict:
                     first["wall_s"] = min(first["wall_s"], record["wall_s"])
                     first["rounds"] += 1
                     _per_token_times(first)
+                    # Run to run, on the same inputs: how deterministic greedy decoding is here.
+                    first.setdefault("same_tokens_as_first_round", same_token_share(generations.get(mode), outputs))
                 del outputs
                 log(f"  batch {batch:>3} {mode:<9} round {round_index + 1} {record['status']:<6} "
                     f"{cell(record.get('wall_s'), '{:.2f}')} s, peak {gib(record.get('peak_bytes'))} GiB")
@@ -670,6 +672,19 @@ def section_capture(ctx: BenchContext, budget: Budget) -> dict:
                  f"'describe the image in detail .'; {new_tokens} new tokens, greedy; ms / token = generate time / "
                  f"(batch x tokens), best of {settings.capture_rounds} interleaved rounds; peak = "
                  + ("torch.cuda.max_memory_allocated" if ctx.device == "cuda" else "process VmHWM"))
+    repeats = [f"{r['mode']} at batch {r['batch']}: {r['same_tokens_as_first_round']:.2f}" for r in rows
+               if r.get("same_tokens_as_first_round") is not None]
+    if repeats:
+        notes.append("same tokens in round 2 as in round 1 (same mode, same inputs): " + ", ".join(repeats))
+    small = ctx.small or ctx.device != "cuda"
+    sdpa_costs = sdpa_new_shape_costs(ctx.device, batch=2 if small else max(settings.batches),
+                                      heads=2 if small else settings.spec.num_heads,
+                                      head_dim=16 if small else settings.spec.hidden_size // settings.spec.num_heads,
+                                      first_keys=40 if small else 700, shapes=3 if small else 12)
+    notes.append("SDPA of one decode step at key lengths not seen before (batch "
+                 f"{2 if small else max(settings.batches)}), median ms of first call / repeat: "
+                 + "; ".join(f"{label} {v['first_call_ms']:.2f} / {v['repeat_call_ms']:.2f}"
+                             for label, v in sdpa_costs.items()))
     non_finite = [f"{r['mode']} at batch {r['batch']}" for r in rows if r.get("maps_finite") is False]
     if non_finite:
         notes.append("WARNING: non-finite attention maps (fp16 overflow in the random model?): "
@@ -677,7 +692,40 @@ def section_capture(ctx: BenchContext, budget: Budget) -> dict:
     table = markdown_table(header, table_rows) + "\n\n" + "\n".join(f"- {note}" for note in notes)
     failed = [r for r in rows if r["status"] not in ("ok", "OOM") and not r["status"].startswith("skipped")]
     return dict(status="failed" if failed or non_finite else "ok", rows=rows, largest_batch_estimate=largest,
-                table=table)
+                sdpa_new_shape_ms=sdpa_costs, table=table)
+
+
+def sdpa_new_shape_costs(device: str, *, batch: int, heads: int, head_dim: int, first_keys: int,
+                         shapes: int) -> dict[str, dict[str, float]]:
+    """Decode-step SDPA at key lengths it has not seen, per backend set: first call vs a repeat (ms, median).
+
+    A cuDNN attention plan is built per new shape; a decode step meets a new key length every time.
+    """
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    without_cudnn = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    results = {}
+    for offset, (label, backends) in enumerate((("default backends", None), ("cuDNN excluded", without_cudnn))):
+        first, repeat = [], []
+        for i in range(shapes):
+            keys = first_keys + offset * shapes + i  # lengths no earlier call used
+            q = torch.randn(batch, heads, 1, head_dim, device=device, dtype=dtype)
+            k = torch.randn(batch, heads, keys, head_dim, device=device, dtype=dtype)
+            v = torch.randn(batch, heads, keys, head_dim, device=device, dtype=dtype)
+            with sdpa_kernel(backends) if backends else contextlib.nullcontext():
+                for times in (first, repeat):
+                    synchronize(device)
+                    started = time.perf_counter()
+                    F.scaled_dot_product_attention(q, k, v)
+                    synchronize(device)
+                    times.append(1000 * (time.perf_counter() - started))
+        results[label] = dict(first_call_ms=statistics.median(first), repeat_call_ms=statistics.median(repeat))
+    return results
 
 
 def _estimated_seconds(points: dict[str, dict[int, dict]], mode: str, batch: int) -> float:

@@ -91,6 +91,10 @@ def test_small_run_capture_table(small_run):
         if mode == "fused":
             assert row["max_map_diff_vs_reference"] <= 1e-5
     assert markdown.count("| fused | ok |") == len(settings["batches"])
+    sdpa = section["sdpa_new_shape_ms"]
+    assert set(sdpa) == {"default backends", "cuDNN excluded"}
+    assert all(v["first_call_ms"] > 0 and v["repeat_call_ms"] > 0 for v in sdpa.values())
+    assert "key lengths not seen before" in markdown
 
 
 def test_small_run_upsample_table(small_run):
@@ -227,3 +231,17 @@ def test_predicted_oom_batch_lies_beyond_the_estimated_fit():
     assert fits == 48
     predicted = gpu_bench.predicted_oom_batch(points, 80 * gib)
     assert predicted % 16 == 0 and predicted > fits and predicted == 64
+
+
+def test_profile_capture_script_runs_small_on_cpu():
+    """benchmarks/gpu/profile_capture.py (the GPU profiling run) keeps working: every part prints."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu" / "profile_capture.py"), "--device", "cpu",
+                             "--small"], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    for expected in ("== kernel alone at decode shapes", "image_attention (triton)", "sdpa, same shapes",
+                     "fused, bookkeeping only", "fused, no in-layer timer", "by self CPU time"):
+        assert expected in out, expected
+    # One line per (batch, variant) with its ratio to plain; plain itself is x1.000.
+    assert out.count("x1.000 plain") >= 2

@@ -832,3 +832,98 @@ def test_public_ops_wrapper_forwards_the_gap() -> None:
     assert torch.equal(got, run_reference(inputs))
     with pytest.raises(ValueError, match="must be given together"):
         ops.image_attention(inputs.q, inputs.k, backend="torch", **replace(inputs, gap_end=None).kwargs())
+
+
+# ----------------------------------------------------------------------------------------------
+# The probe's GPU path: one launch for a step's layers (image_attention_layers_triton_into)
+# ----------------------------------------------------------------------------------------------
+def _layer_stack(case: Case, count: int, *, dtype: torch.dtype, seed: int, strided: bool) -> list[Inputs]:
+    """``count`` layers with the same shapes and indices, each q/k its own allocation (as a model's layers)."""
+    first = make_inputs(case, dtype=dtype, seed=seed)
+    layers = []
+    for i in range(count):
+        layer = make_inputs(case, dtype=dtype, seed=seed + 100 + i)
+        q = layer.q
+        if strided:  # the decode-step query: a row slice of a [B, Hq, R + 2, D] view transposed from [B, L, H, D]
+            wide = torch.randn(case.batch, case.rows + 2, case.heads_q, case.head_dim, device=DEVICE).to(dtype)
+            q = wide.transpose(1, 2)[:, :, 1 : 1 + case.rows]
+            q.copy_(layer.q)
+        layers.append(replace(first, q=q, k=layer.k))
+    return layers
+
+
+@requires_triton
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided-q"])
+@pytest.mark.parametrize("case, kinds", [(CASES[3], None), (CASES[5], None), GAP_KERNEL_CASES[0]],
+                         ids=[case_id(CASES[3]), case_id(CASES[5]), "gap-" + GAP_KERNEL_IDS[0]])
+def test_triton_layers_call_equals_the_sum_of_one_call_per_layer(case: Case, kinds, strided: bool) -> None:
+    from pixfound._kernels.image_attention import image_attention_layers_triton_into
+
+    layers = _layer_stack(case, 3, dtype=torch.float32, seed=7 * case.num_keys, strided=strided)
+    if kinds is not None:
+        gapped = with_gaps(layers[0], kinds, seed=8)
+        layers = [replace(layer, gap_start=gapped.gap_start, gap_end=gapped.gap_end) for layer in layers]
+    first = layers[0]
+    width = int(first.image_len.max())
+    index = {name: value for name, value in first.kwargs().items() if name != "scale"}
+    out = torch.full((case.batch, case.rows, width), 0.5, device=DEVICE)  # added into, not overwritten
+    returned = image_attention_layers_triton_into(out, [l.q for l in layers], [l.k for l in layers],
+                                                  [first.scale] * 3, **index)
+    assert returned is out
+    one_by_one = sum(run_kernel(layer) for layer in layers)
+    torch.testing.assert_close(out - 0.5, one_by_one, atol=1e-6, rtol=0)
+    expected = sum(run_reference(layer, compute_dtype=torch.float64) for layer in layers)
+    torch.testing.assert_close((out - 0.5).double().cpu(), expected.cpu(), atol=3e-6, rtol=0)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_triton_layers_call_low_precision_gqa(dtype: torch.dtype) -> None:
+    from pixfound._kernels.image_attention import image_attention_layers_triton_into
+
+    case = Case(batch=3, heads_q=8, heads_kv=2, rows=1, num_keys=203, head_dim=32, image_at="middle")
+    layers = _layer_stack(case, 4, dtype=dtype, seed=31, strided=True)
+    width = int(layers[0].image_len.max())
+    index = {name: value for name, value in layers[0].kwargs().items() if name != "scale"}
+    out = image_attention_layers_triton_into(torch.zeros(case.batch, case.rows, width, device=DEVICE),
+                                             [l.q for l in layers], [l.k for l in layers], [layers[0].scale] * 4,
+                                             **index)
+    torch.testing.assert_close(out, sum(run_kernel(layer) for layer in layers), atol=1e-6, rtol=0)
+    expected = sum(run_reference(layer, compute_dtype=torch.float64) for layer in layers)
+    # Each layer's row sums to at most 1: an absolute bound of bf16/fp16 score rounding per layer.
+    assert float((out.double().cpu() - expected.cpu()).abs().max()) < 4 * (2e-2 if dtype == torch.bfloat16 else 3e-3)
+
+
+@requires_triton
+def test_triton_layers_call_falls_back_to_one_launch_per_layer_when_layers_differ() -> None:
+    """Different key lengths or scales cannot share a launch; the sum is still right."""
+    from pixfound._kernels.image_attention import image_attention_layers_triton_into
+
+    short = Case(batch=2, heads_q=4, heads_kv=2, rows=1, num_keys=90, head_dim=16, image_at="start")
+    long = replace(short, num_keys=130)
+    a, b = make_inputs(short, seed=1), make_inputs(long, seed=2)
+    b = replace(b, image_start=a.image_start, image_len=a.image_len, key_start=a.key_start, key_end=a.key_end)
+    width = int(a.image_len.max())
+    index = {name: value for name, value in a.kwargs().items() if name != "scale"}
+    out = image_attention_layers_triton_into(torch.zeros(2, 1, width, device=DEVICE), [a.q, b.q], [a.k, b.k],
+                                             [a.scale, 0.5 * a.scale], **index)
+    expected = run_kernel(a) + run_kernel(replace(b, scale=0.5 * a.scale))
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_triton_layers_call_rejects_bad_lists_and_out() -> None:
+    from pixfound._kernels.image_attention import image_attention_layers_triton_into
+
+    inputs = make_inputs(CASES[3], seed=3)
+    index = {name: value for name, value in inputs.kwargs().items() if name != "scale"}
+    width = int(inputs.image_len.max())
+    good_out = torch.zeros(2, 2, width, device=DEVICE)
+    with pytest.raises(ValueError, match="non-empty and of one length"):
+        image_attention_layers_triton_into(good_out, [], [], [], **index)
+    with pytest.raises(ValueError, match="non-empty and of one length"):
+        image_attention_layers_triton_into(good_out, [inputs.q], [inputs.k, inputs.k], [1.0], **index)
+    with pytest.raises(ValueError, match=r"out must be float32 \[B=2, R=2, N\]"):
+        image_attention_layers_triton_into(good_out.double(), [inputs.q], [inputs.k], [1.0], **index)
+    with pytest.raises(ValueError, match=r"out must be float32"):
+        image_attention_layers_triton_into(torch.zeros(2, 3, width, device=DEVICE), [inputs.q], [inputs.k], [1.0],
+                                           **index)

@@ -45,6 +45,7 @@ __all__ = [
     "image_attention",
     "image_attention_cpp_into",
     "image_attention_layers_cpp_into",
+    "image_attention_layers_triton_into",
     "image_attention_reference",
 ]
 
@@ -314,13 +315,20 @@ if triton_available():
 
     @triton.jit
     def _row_softmax_stats(
-        q_tile, k_base, stride_kl, d_ok, offs_n, lo, hi, m_i, l_i, scale_log2,
-        BLOCK_N: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+        q_tile, k_base, stride_kl, d_ok, offs_n, lo, hi, m_i, l_i, scale_log2, score_rows, image_lo, image_hi,
+        row_ok, BLOCK_N: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     ):
-        """Online max and sum of exp (log2 units) of the scores of keys [lo, hi), folded into m_i, l_i."""
+        """Online max and sum of exp (log2 units) of the scores of keys [lo, hi), folded into m_i, l_i.
+
+        The scores of the image keys among them are stored at ``score_rows + (key - image_lo)``, so
+        that the probabilities need no second pass over the keys.
+        """
         for start in range(lo, hi, BLOCK_N):
             keys = start + offs_n
-            s = _scaled_scores(q_tile, k_base, stride_kl, d_ok, keys, keys < hi, scale_log2, DOT_IN_FP32)
+            key_ok = keys < hi
+            s = _scaled_scores(q_tile, k_base, stride_kl, d_ok, keys, key_ok, scale_log2, DOT_IN_FP32)
+            in_image = key_ok & (keys >= image_lo) & (keys < image_hi)
+            tl.store(score_rows + (keys - image_lo)[None, :], s, mask=row_ok[:, None] & in_image[None, :])
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no (-inf) - (-inf)
             l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
@@ -331,12 +339,15 @@ if triton_available():
     def _image_attention_kernel(
         q_ptr,
         k_ptr,
+        q_addresses_ptr,
+        k_addresses_ptr,
         image_start_ptr,
         image_len_ptr,
         key_start_ptr,
         key_end_ptr,
         gap_start_ptr,
         gap_end_ptr,
+        scores_ptr,
         partial_ptr,
         stride_qb,
         stride_qh,
@@ -348,6 +359,7 @@ if triton_available():
         stride_kd,
         stride_end_b,
         stride_end_r,
+        batch,
         heads_kv,
         rows,
         num_keys,
@@ -360,10 +372,18 @@ if triton_available():
         BLOCK_D: tl.constexpr,
         DOT_IN_FP32: tl.constexpr,
         HAS_GAP: tl.constexpr,
+        LAYERED: tl.constexpr,
     ):
         kv_head = tl.program_id(0).to(tl.int64)
         sample = tl.program_id(1).to(tl.int64)
-        row = tl.program_id(2).to(tl.int64)
+        layer_row = tl.program_id(2).to(tl.int64)
+        layer = layer_row // rows
+        row = layer_row % rows
+        if LAYERED:
+            # Several layers in one launch: the addresses of each layer's q and k come from two
+            # int64 tables (all layers share the shapes and strides of q and k).
+            q_ptr = tl.load(q_addresses_ptr + layer).to(tl.pointer_type(q_ptr.dtype.element_ty))
+            k_ptr = tl.load(k_addresses_ptr + layer).to(tl.pointer_type(k_ptr.dtype.element_ty))
 
         # Clamp the ranges to [0, L] so that unvalidated indices can never read out of bounds.
         key_lo = tl.maximum(tl.load(key_start_ptr + sample), 0).to(tl.int32)
@@ -394,24 +414,35 @@ if triton_available():
         if DOT_IN_FP32:
             q_tile = q_tile.to(tl.float32)
         k_base = k_ptr + sample * stride_kb + kv_head * stride_kh + offs_d[:, None] * stride_kd  # [BLOCK_D, 1]
+        # This program's rows of the score buffer [layers, B, Hq, R, N] (one row per query head).
+        heads_q = heads_kv * GROUP
+        score_rows = scores_ptr + ((((layer * batch + sample) * heads_q + kv_head * GROUP + offs_m) * rows + row)
+                                   * num_image_keys)[:, None]
 
-        # Pass 1: running max and sum of exp over the valid keys, in log2 units; gap keys are never loaded.
+        # One pass over the valid keys: running max and sum of exp in log2 units, and the image
+        # keys' scores kept aside; gap keys are never loaded.
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
+        image_hi = image_lo + image_n
         m_i, l_i = _row_softmax_stats(
-            q_tile, k_base, stride_kl, d_ok, offs_n, key_lo, first_hi, m_i, l_i, scale_log2, BLOCK_N, DOT_IN_FP32
+            q_tile, k_base, stride_kl, d_ok, offs_n, key_lo, first_hi, m_i, l_i, scale_log2, score_rows, image_lo,
+            image_hi, head_ok, BLOCK_N, DOT_IN_FP32,
         )
         if HAS_GAP:
             m_i, l_i = _row_softmax_stats(
-                q_tile, k_base, stride_kl, d_ok, offs_n, second_lo, key_hi, m_i, l_i, scale_log2, BLOCK_N, DOT_IN_FP32
+                q_tile, k_base, stride_kl, d_ok, offs_n, second_lo, key_hi, m_i, l_i, scale_log2, score_rows,
+                image_lo, image_hi, head_ok, BLOCK_N, DOT_IN_FP32,
             )
         m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
         has_keys = l_i > 0.0
         inv_l = tl.where(has_keys, 1.0 / tl.where(has_keys, l_i, 1.0), 0.0)  # no valid key: 0, not NaN
         inv_l = tl.where(head_ok, inv_l, 0.0)  # padded rows add nothing
+        # The stored scores were written by other threads of this program.
+        tl.debug_barrier()
 
-        # Pass 2: probabilities of the image keys only, summed over this group's heads.
-        out_row = partial_ptr + ((sample * heads_kv + kv_head) * rows + row) * num_image_keys
+        # Probabilities of the image keys, summed over this group's heads (only the valid image
+        # keys were stored; the others count as -inf).
+        out_row = partial_ptr + (((layer * batch + sample) * heads_kv + kv_head) * rows + row) * num_image_keys
         for start in range(0, image_n, BLOCK_N):
             offs = start + offs_n
             keys = image_lo + offs
@@ -419,7 +450,7 @@ if triton_available():
             key_ok = in_image & (keys >= key_lo) & (keys < key_hi)
             if HAS_GAP:
                 key_ok = key_ok & ((keys < first_hi) | (keys >= second_lo))
-            s = _scaled_scores(q_tile, k_base, stride_kl, d_ok, keys, key_ok, scale_log2, DOT_IN_FP32)
+            s = tl.load(score_rows + offs[None, :], mask=head_ok[:, None] & key_ok[None, :], other=float("-inf"))
             p = tl.exp2(s - m_safe[:, None]) * inv_l[:, None]
             tl.store(out_row + offs, tl.sum(p, axis=0), mask=in_image)
 
@@ -431,6 +462,24 @@ def _next_power_of_2(n: int) -> int:
 
 
 def _image_attention_triton(q: torch.Tensor, k: torch.Tensor, checked: _Inputs, scale: float) -> torch.Tensor:
+    return _launch_kernel(q, k, checked, scale)
+
+
+def _launch_kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    checked: _Inputs,
+    scale: float,
+    *,
+    layers: int = 1,
+    q_addresses: torch.Tensor | None = None,
+    k_addresses: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """float32 ``[B, R, N]``: the head mean, summed over ``layers`` layers in one launch.
+
+    With ``q_addresses``/``k_addresses`` (int64 ``[layers]`` on the device: ``data_ptr()`` of each
+    layer's q and k), layer ``i`` reads its tensors there with the shapes and strides of ``q`` and ``k``.
+    """
     batch, heads_q, rows, head_dim = q.shape
     heads_kv, num_keys = k.shape[1], k.shape[2]
     width = checked.num_image_keys
@@ -439,30 +488,38 @@ def _image_attention_triton(q: torch.Tensor, k: torch.Tensor, checked: _Inputs, 
             "the image_attention kernel was compiled for the GPU: set TRITON_INTERPRET=1 before importing "
             "pixfound to run it on CPU tensors, or use backend='torch'"
         )
-    if batch == 0 or width == 0:
+    if batch == 0 or width == 0 or rows == 0:
         return torch.zeros(batch, rows, width, dtype=torch.float32, device=q.device)
     group = heads_q // heads_kv
-    partial = torch.zeros(batch, heads_kv, rows, width, dtype=torch.float32, device=q.device)
+    # Entries past a sample's own image_len are never written: zeros, not garbage.
+    partial = torch.zeros(layers, batch, heads_kv, rows, width, dtype=torch.float32, device=q.device)
+    # The image keys' scores per query head, written and read back by the same program.
+    scores = torch.empty(layers * batch * heads_q * rows * width, dtype=torch.float32, device=q.device)
     # fp32 inputs use IEEE fp32 (no TF32). The interpreter's dot multiplies bfloat16 as raw integers,
     # so there bf16 gets fp32 operands; products of fp16/bf16 are exact in fp32, so nothing changes.
     dot_in_fp32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type == "cpu")
     has_gap = checked.gap_start is not None and checked.gap_end is not None
-    # Without a gap the kernel is compiled with HAS_GAP=False and never reads these pointers.
+    # Pointers the compiled variant never reads (no gap, one layer) get any int64 tensor.
     gap_start = checked.gap_start if has_gap else checked.key_start
     gap_end = checked.gap_end if has_gap else checked.key_start
-    _image_attention_kernel[(heads_kv, batch, rows)](
+    layered = q_addresses is not None and k_addresses is not None
+    _image_attention_kernel[(heads_kv, batch, layers * rows)](
         q,
         k,
+        q_addresses if layered else checked.key_start,
+        k_addresses if layered else checked.key_start,
         checked.image_start,
         checked.image_len,
         checked.key_start,
         checked.key_end,
         gap_start,
         gap_end,
+        scores,
         partial,
         *q.stride(),
         *k.stride(),
         *checked.key_end.stride(),
+        batch,
         heads_kv,
         rows,
         num_keys,
@@ -475,9 +532,60 @@ def _image_attention_triton(q: torch.Tensor, k: torch.Tensor, checked: _Inputs, 
         BLOCK_D=max(_MIN_DOT, _next_power_of_2(head_dim)),
         DOT_IN_FP32=dot_in_fp32,
         HAS_GAP=has_gap,
+        LAYERED=layered,
         num_warps=4,
     )
-    return partial.sum(dim=1).div_(heads_q)
+    return partial.sum(dim=(0, 2)).div_(heads_q)
+
+
+def image_attention_layers_triton_into(
+    out: torch.Tensor,
+    queries: list[torch.Tensor],
+    keys: list[torch.Tensor],
+    scales: list[float],
+    *,
+    image_start: torch.Tensor,
+    image_len: torch.Tensor,
+    key_start: torch.Tensor,
+    key_end: torch.Tensor,
+    gap_start: torch.Tensor | None = None,
+    gap_end: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Add, for several layers, the Triton kernel's :func:`image_attention` result into ``out``; return ``out``.
+
+    The attention probe's GPU hot path, the counterpart of :func:`image_attention_layers_cpp_into`:
+    the probe collects a generation step's layers (query ``[B, Hq, R, D]``, key ``[B, Hkv, L, D]``
+    and scale per layer) and makes one call per step. When the layers share shapes, strides, dtype
+    and scale (every decoder of one model does) they run as **one** kernel launch, the layer being
+    a grid axis; otherwise one launch per layer. ``out`` is float32 ``[B, R, N]`` on the device of
+    the queries; the indices are int64 tensors there, not validated (the kernel clamps every read
+    into the keys), as :func:`image_attention` with ``validate=False``.
+    """
+    if not queries or len(queries) != len(keys) or len(keys) != len(scales):
+        raise ValueError(f"queries, keys and scales must be non-empty and of one length, got {len(queries)}, "
+                         f"{len(keys)} and {len(scales)}")
+    q0, k0 = queries[0], keys[0]
+    batch, _, rows, _ = q0.shape
+    if out.dtype != torch.float32 or out.device != q0.device or _shape(out)[:2] != (batch, rows) or out.dim() != 3:
+        raise ValueError(f"out must be float32 [B={batch}, R={rows}, N] on {q0.device}, got {out.dtype} "
+                         f"{_shape(out)} on {out.device}")
+    checked = _Inputs(image_start, image_len, key_start, key_end, out.shape[-1], gap_start, gap_end)
+    uniform = all(
+        q.shape == q0.shape and q.stride() == q0.stride() and q.dtype == q0.dtype and k.shape == k0.shape
+        and k.stride() == k0.stride() and k.dtype == q0.dtype and k.device == q0.device and scale == scales[0]
+        for q, k, scale in zip(queries, keys, scales)
+    )
+    if not uniform or len(queries) == 1:
+        for q, k, scale in zip(queries, keys, scales):
+            out += _launch_kernel(q, k, checked, float(scale))
+        return out
+    table = torch.tensor([t.data_ptr() for t in (*queries, *keys)], dtype=torch.int64)
+    if q0.device.type == "cuda":  # pinned, so the copy does not wait for the stream
+        table = table.pin_memory().to(q0.device, non_blocking=True)
+    layers = len(queries)
+    out += _launch_kernel(q0, k0, checked, float(scales[0]), layers=layers, q_addresses=table[:layers],
+                          k_addresses=table[layers:])
+    return out
 
 
 def _host_float32(q: torch.Tensor) -> bool:

@@ -37,7 +37,12 @@ import numpy as np
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from pixfound._kernels.image_attention import choose_backend, image_attention, image_attention_layers_cpp_into
+from pixfound._kernels.image_attention import (
+    choose_backend,
+    image_attention,
+    image_attention_layers_cpp_into,
+    image_attention_layers_triton_into,
+)
 
 __all__ = [
     "FUSED_ATTENTION",
@@ -261,7 +266,8 @@ class ImageAttentionCapture:
         self._step_layers = 0
         self._row_cache: Optional[tuple] = None
         self._previous_ranges: Optional[tuple] = None  # (kv_len, mask is None, key_start, gap_start, gap_end)
-        self._host_path: Optional[bool] = None  # the C++ path: one call per step for all layers
+        self._host_path: Optional[bool] = None  # the C++ path (NumPy indices)
+        self._deferred: Optional[bool] = None  # C++ or Triton: one call per step for all layers
         self._pending: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (query row, keys, scale) per layer
         self._gaps: Optional[torch.Tensor] = None  # device flag: a valid-key row was not one contiguous range
         self._image_start: Optional[torch.Tensor] = None
@@ -398,19 +404,21 @@ class ImageAttentionCapture:
     def _add_layer(
         self, query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor], scaling: float
     ) -> None:
-        if self._host_path is None:
-            self._host_path = choose_backend(self.backend, query, key) == "cpp"
+        if self._deferred is None:
+            chosen = choose_backend(self.backend, query, key)
+            self._host_path = chosen == "cpp"
+            self._deferred = chosen in ("cpp", "triton")
         row, key_start, key_end, gap_start, gap_end = self._rows_and_ranges(query, key, attention_mask)
-        began = self._timer.start(query.device)
-        if self._host_path:
-            # The step's layers go to C++ in one call when the step ends (_flush_layers): for a small
-            # model the Python around a per-layer call costs as much as the layer itself. Keeping
-            # the keys until then holds no extra memory (they are the cache's own tensors), and the
-            # next step's forward, which could update a cache in place, starts after the flush.
+        if self._deferred:
+            # The step's layers go to C++ or to one Triton launch when the step ends (_flush_layers):
+            # the host work around a per-layer call (checks, a launch, small sums) costs more than
+            # the layer's own math. Keeping the keys until then holds no extra memory (they are the
+            # cache's own tensors), and the next step's forward, which could update a cache in
+            # place, starts after the flush. The query row is copied only out of a prefill's query.
             self._pending.append((query[:, :, row : row + 1].contiguous(), key, scaling))
             self._step_layers += 1
-            self._timer.stop(began)
             return
+        began = self._timer.start(query.device)
         probs = image_attention(
             query[:, :, row : row + 1],
             key,
@@ -433,20 +441,28 @@ class ImageAttentionCapture:
         self._timer.stop(began)
 
     def _flush_layers(self) -> None:
-        """Sum the pending layers of this step into its buffer with one C++ call (host path)."""
+        """Sum the pending layers of this step into its buffer: one C++ call or one Triton launch."""
         if not self._pending:
             return
-        began = self._timer.start(torch.device("cpu"))
+        device = self._pending[0][0].device
+        began = self._timer.start(device)
         _, key_start, key_end, gap_start, gap_end = self._row_cache
         if self._step_sum is None:
-            self._step_sum = torch.zeros(self.batch_size, 1, self.num_image_keys, dtype=torch.float32)
+            self._step_sum = torch.zeros(self.batch_size, 1, self.num_image_keys, dtype=torch.float32, device=device)
         queries, keys, scales = zip(*self._pending)
         self._pending = []
-        image_attention_layers_cpp_into(
-            self._step_sum, list(queries), list(keys), list(scales), image_start=self._image_start_np,
-            image_len=self._image_len_np, key_start=key_start, key_end=key_end, gap_start=gap_start,
-            gap_end=gap_end,
-        )
+        if self._host_path:
+            image_attention_layers_cpp_into(
+                self._step_sum, list(queries), list(keys), list(scales), image_start=self._image_start_np,
+                image_len=self._image_len_np, key_start=key_start, key_end=key_end, gap_start=gap_start,
+                gap_end=gap_end,
+            )
+        else:
+            image_attention_layers_triton_into(
+                self._step_sum, list(queries), list(keys), list(scales), image_start=self._image_start,
+                image_len=self._image_len, key_start=key_start, key_end=key_end, gap_start=gap_start,
+                gap_end=gap_end,
+            )
         self._timer.stop(began)
 
     def capture_seconds(self) -> float:

@@ -505,9 +505,11 @@ class VisionLanguageAdapter(abc.ABC):
                         decoder=self.decoder,
                     ) as recorder:
                         sequences = self.model.generate(**batch.inputs, **gen_kwargs)
+                        # The steps flushed during generate; the last step's layers are flushed on
+                        # exit, which counts in the time after generate below.
+                        capture_in_layers = recorder.capture_seconds()
                         generated_at = time.perf_counter()
                     step_maps = recorder.step_maps()
-                    capture_in_layers = recorder.capture_seconds()
                 elif capture == "reference":
                     with self.text_attention("eager"):
                         out = self.model.generate(
