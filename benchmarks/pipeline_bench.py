@@ -647,8 +647,8 @@ def measure_in_process(settings: BenchSettings, pipeline: str, *, components: Op
         shapes = (id(components.adapter), settings.batch_size, settings.max_new_tokens, tuple(settings.protocols),
                   settings.share_image_prefix)
         if cuda and shapes not in _SDPA_SHAPES_SEEN:
-            # cuDNN's SDPA builds a plan for every new (batch, key length) shape, about 0.1 s each on
-            # an H100: one plain generation of a whole batch pays them once, outside every figure.
+            # cuDNN's SDPA (when allowed) builds a plan for every new (batch, key length) shape, 47 ms
+            # each on an H100: one plain generation of a whole batch pays them outside every figure.
             run_pipeline("plain", settings, components, samples[: settings.batch_size])
             _SDPA_SHAPES_SEEN.add(shapes)
         run_pipeline(pipeline, settings, components, samples[:2], batch_size=min(2, settings.batch_size),

@@ -375,5 +375,7 @@ def test_prefix_sharing_and_cpp_backend_flags_reach_the_config():
     config = _eval_config(build_parser().parse_args(["eval", "--share-image-prefix", "--kernel-backend", "cpp",
                                                      "--output", "unused"]))
     assert config.share_image_prefix is True and config.kernel_backend == "cpp"
+    assert config.cudnn_attention is False
+    assert _eval_config(build_parser().parse_args(["eval", "--cudnn-attention", "--output", "unused"])).cudnn_attention
     with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "--kernel-backend", "cuda"])

@@ -856,8 +856,16 @@ def _layer_stack(case: Case, count: int, *, dtype: torch.dtype, seed: int, strid
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided-q"])
 @pytest.mark.parametrize("case, kinds", [(CASES[3], None), (CASES[5], None), GAP_KERNEL_CASES[0]],
                          ids=[case_id(CASES[3]), case_id(CASES[5]), "gap-" + GAP_KERNEL_IDS[0]])
-def test_triton_layers_call_equals_the_sum_of_one_call_per_layer(case: Case, kinds, strided: bool) -> None:
+def test_triton_layers_call_equals_the_sum_of_one_call_per_layer(
+    case: Case, kinds, strided: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pixfound._kernels import image_attention as module
     from pixfound._kernels.image_attention import image_attention_layers_triton_into
+
+    launches: list[int] = []
+    launch = module._launch_kernel
+    monkeypatch.setattr(module, "_launch_kernel",
+                        lambda *args, **kwargs: launches.append(kwargs.get("layers", 1)) or launch(*args, **kwargs))
 
     layers = _layer_stack(case, 3, dtype=torch.float32, seed=7 * case.num_keys, strided=strided)
     if kinds is not None:
@@ -870,6 +878,7 @@ def test_triton_layers_call_equals_the_sum_of_one_call_per_layer(case: Case, kin
     returned = image_attention_layers_triton_into(out, [l.q for l in layers], [l.k for l in layers],
                                                   [first.scale] * 3, **index)
     assert returned is out
+    assert launches == [3]  # one launch for the three layers
     one_by_one = sum(run_kernel(layer) for layer in layers)
     torch.testing.assert_close(out - 0.5, one_by_one, atol=1e-6, rtol=0)
     expected = sum(run_reference(layer, compute_dtype=torch.float64) for layer in layers)
@@ -908,6 +917,31 @@ def test_triton_layers_call_falls_back_to_one_launch_per_layer_when_layers_diffe
     out = image_attention_layers_triton_into(torch.zeros(2, 1, width, device=DEVICE), [a.q, b.q], [a.k, b.k],
                                              [a.scale, 0.5 * a.scale], **index)
     expected = run_kernel(a) + run_kernel(replace(b, scale=0.5 * a.scale))
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+@requires_triton
+def test_triton_layers_call_with_a_tensor_off_the_16_byte_grid_launches_per_layer(monkeypatch) -> None:
+    """Layers are addressed in 16-byte units from the lowest one; a tensor off that grid cannot be."""
+    from pixfound._kernels import image_attention as module
+    from pixfound._kernels.image_attention import image_attention_layers_triton_into
+
+    case = Case(batch=2, heads_q=4, heads_kv=2, rows=1, num_keys=50, head_dim=16, image_at="middle")
+    a, b = make_inputs(case, seed=4), make_inputs(case, seed=5)
+    flat = torch.empty(b.k.numel() + 1, device=DEVICE)
+    shifted_k = flat[1:].view(b.k.shape)  # 4 bytes past an aligned allocation
+    shifted_k.copy_(b.k)
+    launches: list[int] = []
+    launch = module._launch_kernel
+    monkeypatch.setattr(module, "_launch_kernel",
+                        lambda *args, **kwargs: launches.append(kwargs.get("layers", 1)) or launch(*args, **kwargs))
+    width = int(a.image_len.max())
+    index = {name: value for name, value in a.kwargs().items() if name != "scale"}
+    out = image_attention_layers_triton_into(torch.zeros(2, 1, width, device=DEVICE), [a.q, b.q], [a.k, shifted_k],
+                                             [a.scale, a.scale], **index)
+    assert launches == [1, 1]
+    expected = run_kernel(a) + run_kernel(replace(b, image_start=a.image_start, image_len=a.image_len,
+                                                  key_start=a.key_start, key_end=a.key_end))
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
 
 

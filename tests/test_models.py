@@ -261,3 +261,34 @@ def test_sampling_is_seeded(llava):
     first = llava.generate(samples, ["the cat"], **kwargs)[0]
     second = llava.generate(samples, ["the cat"], **kwargs)[0]
     assert first.token_ids == second.token_ids
+
+
+# ------------------------------------------------------------------------------------------------
+# SDPA backends while generating
+# ------------------------------------------------------------------------------------------------
+def test_generation_leaves_cudnn_out_of_sdpa_on_cuda_only_unless_asked():
+    from pixfound.models.base import generation_sdpa_backends
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with generation_sdpa_backends(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before  # restored
+    for device, allow in ((torch.device("cuda"), True), (torch.device("cpu"), False)):
+        with generation_sdpa_backends(device, allow):
+            assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def test_generate_runs_inside_the_generation_sdpa_backends(monkeypatch, llava):
+    from pixfound.models import base
+
+    seen = []
+    original = base.generation_sdpa_backends
+    monkeypatch.setattr(base, "generation_sdpa_backends",
+                        lambda device, cudnn_attention=False: seen.append((device.type, cudnn_attention))
+                        or original(device, cudnn_attention))
+    sample = make_sample(0, (30, 40))
+    llava.generate([sample], ["what is it ?"], max_new_tokens=2, capture=None, cudnn_attention=True)
+    llava.generate([sample], ["what is it ?"], max_new_tokens=2, capture="fused")
+    assert seen == [("cpu", True), ("cpu", False)]
+

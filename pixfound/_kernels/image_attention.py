@@ -54,6 +54,8 @@ _LOG2E = 1.4426950408889634
 
 # Keys per tile. 64 keeps a bf16 [64, 128] key tile and a [16, 64] score tile in registers.
 _BLOCK_N = 64
+# A layered launch addresses each layer's tensors in units of this many bytes (see the kernel).
+_ALIGN_BYTES = 16
 # tl.dot on NVIDIA GPUs needs at least 16 rows and 16 reduction columns.
 _MIN_DOT = 16
 # Whether the kernel below was decorated under TRITON_INTERPRET=1 (Triton decides at decoration).
@@ -339,8 +341,8 @@ if triton_available():
     def _image_attention_kernel(
         q_ptr,
         k_ptr,
-        q_addresses_ptr,
-        k_addresses_ptr,
+        q_units_ptr,
+        k_units_ptr,
         image_start_ptr,
         image_len_ptr,
         key_start_ptr,
@@ -373,6 +375,7 @@ if triton_available():
         DOT_IN_FP32: tl.constexpr,
         HAS_GAP: tl.constexpr,
         LAYERED: tl.constexpr,
+        OFFSET_UNIT: tl.constexpr,
     ):
         kv_head = tl.program_id(0).to(tl.int64)
         sample = tl.program_id(1).to(tl.int64)
@@ -380,10 +383,13 @@ if triton_available():
         layer = layer_row // rows
         row = layer_row % rows
         if LAYERED:
-            # Several layers in one launch: the addresses of each layer's q and k come from two
-            # int64 tables (all layers share the shapes and strides of q and k).
-            q_ptr = tl.load(q_addresses_ptr + layer).to(tl.pointer_type(q_ptr.dtype.element_ty))
-            k_ptr = tl.load(k_addresses_ptr + layer).to(tl.pointer_type(k_ptr.dtype.element_ty))
+            # Several layers in one launch (all with the shapes and strides of q and k): each layer's
+            # q and k sit a whole number of 16-byte units past q_ptr and k_ptr, the lowest addresses.
+            # Counting in those units keeps the 16-byte alignment of the arguments known to the
+            # compiler, so the key tiles still load 16 bytes at a time (a pointer loaded from a
+            # table would not be); unsigned, so that the interpreter's address arithmetic stays exact.
+            q_ptr += tl.load(q_units_ptr + layer).to(tl.uint64) * OFFSET_UNIT
+            k_ptr += tl.load(k_units_ptr + layer).to(tl.uint64) * OFFSET_UNIT
 
         # Clamp the ranges to [0, L] so that unvalidated indices can never read out of bounds.
         key_lo = tl.maximum(tl.load(key_start_ptr + sample), 0).to(tl.int32)
@@ -472,13 +478,14 @@ def _launch_kernel(
     scale: float,
     *,
     layers: int = 1,
-    q_addresses: torch.Tensor | None = None,
-    k_addresses: torch.Tensor | None = None,
+    q_units: torch.Tensor | None = None,
+    k_units: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """float32 ``[B, R, N]``: the head mean, summed over ``layers`` layers in one launch.
 
-    With ``q_addresses``/``k_addresses`` (int64 ``[layers]`` on the device: ``data_ptr()`` of each
-    layer's q and k), layer ``i`` reads its tensors there with the shapes and strides of ``q`` and ``k``.
+    With ``q_units``/``k_units`` (int64 ``[layers]`` on the device), layer ``i`` reads its query and
+    keys ``16 * q_units[i]`` and ``16 * k_units[i]`` bytes past ``q`` and ``k``, with their shapes
+    and strides.
     """
     batch, heads_q, rows, head_dim = q.shape
     heads_kv, num_keys = k.shape[1], k.shape[2]
@@ -502,12 +509,12 @@ def _launch_kernel(
     # Pointers the compiled variant never reads (no gap, one layer) get any int64 tensor.
     gap_start = checked.gap_start if has_gap else checked.key_start
     gap_end = checked.gap_end if has_gap else checked.key_start
-    layered = q_addresses is not None and k_addresses is not None
+    layered = q_units is not None and k_units is not None
     _image_attention_kernel[(heads_kv, batch, layers * rows)](
         q,
         k,
-        q_addresses if layered else checked.key_start,
-        k_addresses if layered else checked.key_start,
+        q_units if layered else checked.key_start,
+        k_units if layered else checked.key_start,
         checked.image_start,
         checked.image_len,
         checked.key_start,
@@ -533,6 +540,7 @@ def _launch_kernel(
         DOT_IN_FP32=dot_in_fp32,
         HAS_GAP=has_gap,
         LAYERED=layered,
+        OFFSET_UNIT=_ALIGN_BYTES // q.element_size(),
         num_warps=4,
     )
     return partial.sum(dim=(0, 2)).div_(heads_q)
@@ -575,16 +583,19 @@ def image_attention_layers_triton_into(
         and k.stride() == k0.stride() and k.dtype == q0.dtype and k.device == q0.device and scale == scales[0]
         for q, k, scale in zip(queries, keys, scales)
     )
-    if not uniform or len(queries) == 1:
+    q_base = min(queries, key=lambda t: t.data_ptr())
+    k_base = min(keys, key=lambda t: t.data_ptr())
+    units = [t.data_ptr() - base.data_ptr() for base, group in ((q_base, queries), (k_base, keys)) for t in group]
+    if not uniform or len(queries) == 1 or any(delta % _ALIGN_BYTES for delta in units):
         for q, k, scale in zip(queries, keys, scales):
             out += _launch_kernel(q, k, checked, float(scale))
         return out
-    table = torch.tensor([t.data_ptr() for t in (*queries, *keys)], dtype=torch.int64)
+    table = torch.tensor([delta // _ALIGN_BYTES for delta in units], dtype=torch.int64)
     if q0.device.type == "cuda":  # pinned, so the copy does not wait for the stream
         table = table.pin_memory().to(q0.device, non_blocking=True)
     layers = len(queries)
-    out += _launch_kernel(q0, k0, checked, float(scales[0]), layers=layers, q_addresses=table[:layers],
-                          k_addresses=table[layers:])
+    out += _launch_kernel(q_base, k_base, checked, float(scales[0]), layers=layers, q_units=table[:layers],
+                          k_units=table[layers:])
     return out
 
 

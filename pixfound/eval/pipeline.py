@@ -217,7 +217,7 @@ class GroundingPipeline:
             list(items), list(prompts), max_new_tokens=config.max_new_tokens, capture=capture,
             batch_size=len(items), first_token_row=config.first_token_row, do_sample=config.do_sample,
             temperature=config.temperature, seed=config.seed if config.do_sample else None,
-            backend=config.kernel_backend, prefixes=prefixes,
+            backend=config.kernel_backend, prefixes=prefixes, cudnn_attention=config.cudnn_attention,
         )
         return generations, (time.perf_counter() - started) / max(1, len(items))
 

@@ -126,6 +126,7 @@ class EvalConfig:
     num_points: int = 1
     kernel_backend: str = "auto"
     share_image_prefix: bool = False  # prefill system prompt + image once per image for all protocols
+    cudnn_attention: bool = False  # on CUDA, let SDPA use cuDNN while generating (a plan per new shape)
     vqa_template: Optional[int] = None
     grounding_template: Optional[Union[int, str]] = None  # index, or a custom phrasing with one {}
     device: str = "auto"

@@ -179,6 +179,24 @@ def first_stop_index(token_ids: Sequence[int], stop_ids: set[int]) -> int:
     return len(token_ids)
 
 
+@contextlib.contextmanager
+def generation_sdpa_backends(device: torch.device, cudnn_attention: bool = False) -> Iterator[None]:
+    """While generating on CUDA: SDPA without its cuDNN backend, unless ``cudnn_attention``.
+
+    cuDNN builds an attention plan for every new (batch, key length) shape, and decoding meets a
+    new key length at every step of every new prompt length. On an H100 (torch 2.11) the first
+    decode-step call at a new shape took 47 ms, a repeat 0.25 ms, and flash / memory-efficient
+    attention 0.23 ms either way (benchmarks/RESULTS.md, 2026-11-26 GPU run).
+    """
+    if device.type != "cuda" or cudnn_attention:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield
+
+
 def _forward_parameters(model: torch.nn.Module) -> set[str]:
     import inspect
 
@@ -439,6 +457,7 @@ class VisionLanguageAdapter(abc.ABC):
         seed: Optional[int] = None,
         backend: str = "auto",
         prefixes: Optional[Sequence[ImagePrefix]] = None,
+        cudnn_attention: bool = False,
     ) -> list[Generation]:
         """Answer each (sample image, prompt) and record one image map per generated token.
 
@@ -458,6 +477,7 @@ class VisionLanguageAdapter(abc.ABC):
                 prefill only each prompt's own text after its image's cached prefix. A batch whose
                 prompts do not start with their prefix, or whose prefixes differ in length, is
                 prefilled in full instead (``timings["prefix_shared"]`` says which happened).
+            cudnn_attention: on CUDA, let SDPA use cuDNN (off: see :func:`generation_sdpa_backends`).
 
         Returns:
             One :class:`Generation` per sample, in input order.
@@ -494,7 +514,7 @@ class VisionLanguageAdapter(abc.ABC):
             step_maps = None
             generated_at = None  # when generate returned, before the maps are gathered
             capture_in_layers = 0.0  # fused: the capture's own time inside the attention layers
-            with torch.inference_mode():
+            with torch.inference_mode(), generation_sdpa_backends(self.device, cudnn_attention):
                 if capture == "fused":
                     with probe.ImageAttentionCapture(
                         self.model,
