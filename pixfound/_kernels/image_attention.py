@@ -16,13 +16,16 @@ get probability 0 and add nothing to the denominator, also where they overlap th
 
 Two implementations of the same math sit in this module:
 
-* ``_image_attention_kernel`` (Triton): one program per (kv head, sample, query row). It holds the
-  rows of every query head that shares the kv head, runs over the valid keys in ``BLOCK_N`` tiles
-  with an online max and sum (the exact softmax denominator, fp32 accumulation; with a gap it runs
-  over the two pieces of the row on either side of the gap and never loads a gap key), then revisits only
-  the image keys to write ``exp(s - max) / sum`` summed over its heads into an fp32 partial buffer
-  ``[B, Hkv, R, N]``. The wrapper sums that over the kv heads and divides by ``Hq``. Nothing of
-  size heads x keys is kept.
+* ``_image_attention_kernel`` (Triton): one program per (kv head, sample, query row), and per
+  layer when several layers share one launch (:func:`image_attention_layers_triton_into`, the
+  probe's GPU path: one launch per generation step). It holds the rows of every query head that
+  shares the kv head and reads the valid keys once, in ``BLOCK_N`` tiles, with an online max and
+  sum (the exact softmax denominator, fp32 accumulation; with a gap it runs over the two pieces
+  of the row on either side of the gap and never loads a gap key). The image keys' scores are put
+  aside in a scratch buffer ``[layers, B, Hq, R, N]`` on the way; at the end the program turns
+  them into ``exp(s - max) / sum``, summed over its heads, in an fp32 partial buffer
+  ``[layers, B, Hkv, R, N]``. The wrapper sums that over layers and kv heads and divides by
+  ``Hq``. Nothing of size heads x keys is kept.
 * :func:`image_attention_reference` (plain torch): upcast, full masked softmax, gather, head mean.
   Tests and benchmarks compare the kernel against it, and ``backend="torch"`` runs it.
 
