@@ -241,7 +241,10 @@ def test_profile_capture_script_runs_small_on_cpu():
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     for expected in ("== kernel alone at decode shapes", "image_attention (triton)", "sdpa, same shapes",
-                     "fused, bookkeeping only", "fused, no in-layer timer", "by self CPU time"):
+                     "fused, bookkeeping only", "fused, no in-layer timer", "by self CPU time", "layered launch",
+                     "one launch per layer"):
         assert expected in out, expected
     # One line per (batch, variant) with its ratio to plain; plain itself is x1.000.
     assert out.count("x1.000 plain") >= 2
+    gaps = [float(line.rsplit(" ", 1)[-1].rstrip(")")) for line in out.splitlines() if "max |layered - per layer|" in line]
+    assert len(gaps) == 2 and max(gaps) <= 1e-6  # the layered launch sums the same layers

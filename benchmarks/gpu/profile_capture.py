@@ -4,7 +4,8 @@ Builds the benchmark LLaVA-1.5-7B architecture (random fp16, benchmarks/gpu_benc
 
 1. the image-attention kernel alone at decode shapes (one query row, LLaVA's 32 heads x 128,
    650 keys): GPU time per call (CUDA events around many calls) and host time per launch, next to
-   SDPA on the same shapes;
+   SDPA on the same shapes; then one decode step's capture over 32 layers as the probe runs it
+   (one layered launch) against one launch per layer;
 2. ``generate`` time per step for plain SDPA, fused capture, and fused capture with parts of the
    probe switched off (monkeypatched here, not in the library): no in-layer timer, and the capture's
    per-layer work reduced to bookkeeping (what the hooks and the attention wrapper cost alone);
@@ -81,6 +82,56 @@ def kernel_micro(device: str, batches: tuple[int, ...], heads: int, head_dim: in
                 per_call_us = host_us
             rows.append(dict(batch=batch, variant=name, host_us_per_call=host_us, stream_us_per_call=per_call_us))
             log(f"  B={batch:<3} {name:<26} host {host_us:8.1f} us/call   stream {per_call_us:8.1f} us/call")
+    return rows
+
+
+def layered_micro(device: str, batches: tuple[int, ...], layers: int, heads: int, head_dim: int, keys: int,
+                  image: int, calls: int) -> list[dict]:
+    """A decode step's capture for ``layers`` layers: one layered launch vs one launch per layer.
+
+    The probe's GPU path is the layered one (``image_attention_layers_triton_into``); "per layer" is
+    what it did before (one ``image_attention`` call and a sum per layer).
+    """
+    import torch
+
+    from pixfound._kernels.image_attention import image_attention, image_attention_layers_triton_into
+
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    rows = []
+    for batch in batches:
+        gen = torch.Generator().manual_seed(batch)
+        qs = [torch.randn(batch, heads, 1, head_dim, generator=gen).to(device, dtype) for _ in range(layers)]
+        ks = [torch.randn(batch, heads, keys, head_dim, generator=gen).to(device, dtype) for _ in range(layers)]
+        index = dict(dtype=torch.int64, device=device)
+        spans = dict(image_start=torch.full((batch,), 35, **index), image_len=torch.full((batch,), image, **index),
+                     key_start=torch.zeros(batch, **index), key_end=torch.full((batch, 1), keys, **index))
+        scale = head_dim ** -0.5
+
+        def layered() -> Any:
+            out = torch.zeros(batch, 1, image, device=device)
+            return image_attention_layers_triton_into(out, qs, ks, [scale] * layers, **spans)
+
+        def per_layer() -> Any:
+            out = torch.zeros(batch, 1, image, device=device)
+            for q, k in zip(qs, ks):
+                out += image_attention(q, k, backend="triton", scale=scale, validate=False, num_image_keys=image,
+                                       **spans)
+            return out
+
+        gap = float((layered() - per_layer()).abs().max())
+        for name, fn in (("layered launch", layered), ("one launch per layer", per_layer)):
+            for _ in range(2):
+                fn()
+            sync(device)
+            started = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            host_ms = 1000 * (time.perf_counter() - started) / calls
+            sync(device)
+            stream_ms = 1000 * (time.perf_counter() - started) / calls
+            rows.append(dict(batch=batch, variant=name, host_ms=host_ms, stream_ms=stream_ms, max_diff=gap))
+            log(f"  B={batch:<3} {layers} layers, {name:<22} host {host_ms:7.3f} ms/step   with the GPU "
+                f"{stream_ms:7.3f} ms/step   (max |layered - per layer| {gap:.1e})")
     return rows
 
 
@@ -213,6 +264,11 @@ def main(argv: list[str] | None = None) -> None:
         kernel_micro(device, (1, 2), heads=2, head_dim=16, keys=40, image=16, calls=3)
     else:
         kernel_micro(device, (1, 32), heads=32, head_dim=128, keys=650, image=576, calls=200)
+    log("== one decode step's capture: layered launch vs one launch per layer")
+    if small:
+        layered_micro(device, (2,), layers=3, heads=2, head_dim=16, keys=40, image=16, calls=2)
+    else:
+        layered_micro(device, (1, 32), layers=32, heads=32, head_dim=128, keys=650, image=576, calls=50)
     started = time.perf_counter()
     adapter = gpu_bench.build_llava_adapter(spec, device, dtype)
     log(f"== built {spec.name} in {time.perf_counter() - started:.1f} s")
