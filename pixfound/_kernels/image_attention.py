@@ -582,7 +582,8 @@ def image_attention_layers_triton_into(
                          f"{_shape(out)} on {out.device}")
     checked = _Inputs(image_start, image_len, key_start, key_end, out.shape[-1], gap_start, gap_end)
     uniform = all(
-        q.shape == q0.shape and q.stride() == q0.stride() and q.dtype == q0.dtype and k.shape == k0.shape
+        q.shape == q0.shape and q.stride() == q0.stride() and q.dtype == q0.dtype and q.device == q0.device
+        and k.shape == k0.shape
         and k.stride() == k0.stride() and k.dtype == q0.dtype and k.device == q0.device and scale == scales[0]
         for q, k, scale in zip(queries, keys, scales)
     )
