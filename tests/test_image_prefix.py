@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from pixfound.data.sample import Sample
 from pixfound.models import tiny_model
+from random_samples import random_image_sample
 
 MAP_TOL = 1e-5  # fp32: the prefix keys come from another matrix shape, so they differ in the last bits
 NEW_TOKENS = 6
@@ -27,12 +26,7 @@ PROMPTS = [
 
 
 def make_sample(index: int, size: tuple[int, int]) -> Sample:
-    rng = np.random.default_rng(2000 + index)
-    image = Image.fromarray((rng.random((*size, 3)) * 255).astype(np.uint8))
-    return Sample(
-        id=f"img{index}", index=index, benchmark="synthetic", question="q", options=["a", "b"], answer="A",
-        expression=None, image_size=size, image_loader=lambda: image,
-    )
+    return random_image_sample(index, size, seed_base=2000, id_prefix="img")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -19,15 +18,11 @@ from pixfound.models import (
     tiny_model,
 )
 from pixfound.models.llava import anyres_grid_shape, configure_llava_image_processor
+from random_samples import random_image_sample
 
 
 def make_sample(index: int, size: tuple[int, int]) -> Sample:
-    rng = np.random.default_rng(2000 + index)
-    image = Image.fromarray((rng.random((*size, 3)) * 255).astype(np.uint8))
-    return Sample(
-        id=f"s{index}", index=index, benchmark="synthetic", question="q", options=["a", "b"], answer="A",
-        expression=None, image_size=size, image_loader=lambda: image,
-    )
+    return random_image_sample(index, size, seed_base=2000, id_prefix="s")
 
 
 @pytest.fixture(scope="module")

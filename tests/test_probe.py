@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import inspect
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from pixfound.attention import probe
 from pixfound.data.sample import Sample
 from pixfound.models import ImageGeometry, ImageTokenLayout, tiny_model
+from random_samples import random_image_sample
 
 MAP_TOL = 1e-5  # fp32 maps, fused vs reference and alone vs in a batch
 
@@ -30,13 +29,7 @@ NEW_TOKENS = 5
 
 
 def make_sample(index: int, size: tuple[int, int]) -> Sample:
-    rng = np.random.default_rng(1000 + index)
-    pixels = (rng.random((*size, 3)) * 255).astype(np.uint8)
-    image = Image.fromarray(pixels)
-    return Sample(
-        id=f"img{index}", index=index, benchmark="synthetic", question="q", options=["a", "b"], answer="A",
-        expression=None, image_size=size, image_loader=lambda: image,
-    )
+    return random_image_sample(index, size, seed_base=1000, id_prefix="img")
 
 
 @pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_vl"])

@@ -27,17 +27,41 @@ import time
 from typing import Any, Callable, Iterator
 
 BENCH_DIR = pathlib.Path(__file__).resolve().parents[1]
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+
+from gpu_bench import log, synchronize as sync  # noqa: E402  (gpu_bench imports torch lazily)
 
 
-def log(message: str) -> None:
-    print(message, flush=True)
-
-
-def sync(device: str) -> None:
+def time_calls(fn: Callable[[], Any], device: str, calls: int, warmup: int = 3) -> tuple[float, float]:
+    """Milliseconds per call of ``calls`` back-to-back calls: host time (launches only, the GPU may
+    still be busy) and stream time (CUDA events around them; the host time on a CPU)."""
     import torch
 
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    started = time.perf_counter()
     if device == "cuda":
-        torch.cuda.synchronize()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+    for _ in range(calls):
+        fn()
+    host_ms = 1000 * (time.perf_counter() - started) / calls
+    if device != "cuda":
+        return host_ms, host_ms
+    end.record()
+    end.synchronize()
+    return host_ms, begin.elapsed_time(end) / calls
+
+
+def decode_spans(batch: int, keys: int, image: int, device: str) -> dict:
+    """Index arguments of one decode step: 576-style image span at key 35, every key valid."""
+    import torch
+
+    index = dict(dtype=torch.int64, device=device)
+    return dict(image_start=torch.full((batch,), 35, **index), image_len=torch.full((batch,), image, **index),
+                key_start=torch.zeros(batch, **index), key_end=torch.full((batch, 1), keys, **index))
 
 
 def kernel_micro(device: str, batches: tuple[int, ...], heads: int, head_dim: int, keys: int, image: int,
@@ -55,31 +79,14 @@ def kernel_micro(device: str, batches: tuple[int, ...], heads: int, head_dim: in
         q = torch.randn(batch, heads, 1, head_dim, generator=gen).to(device, dtype)
         k = torch.randn(batch, heads, keys, head_dim, generator=gen).to(device, dtype)
         v = torch.randn(batch, heads, keys, head_dim, generator=gen).to(device, dtype)
-        index = dict(dtype=torch.int64, device=device)
-        args = dict(image_start=torch.full((batch,), 35, **index), image_len=torch.full((batch,), image, **index),
-                    key_start=torch.zeros(batch, **index), key_end=torch.full((batch, 1), keys, **index),
-                    scale=head_dim ** -0.5, validate=False, num_image_keys=image)
+        args = dict(decode_spans(batch, keys, image, device), scale=head_dim ** -0.5, validate=False,
+                    num_image_keys=image)
         variants: dict[str, Callable[[], Any]] = {
             "image_attention (triton)": lambda: image_attention(q, k, backend="triton", **args),
             "sdpa, same shapes": lambda: F.scaled_dot_product_attention(q, k, v),
         }
         for name, fn in variants.items():
-            for _ in range(3):
-                fn()
-            sync(device)
-            started = time.perf_counter()
-            if device == "cuda":
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                begin.record()
-            for _ in range(calls):
-                fn()
-            host_us = 1e6 * (time.perf_counter() - started) / calls  # launches only, GPU still busy
-            if device == "cuda":
-                end.record()
-                end.synchronize()
-                per_call_us = 1000 * begin.elapsed_time(end) / calls
-            else:
-                per_call_us = host_us
+            host_us, per_call_us = (1000 * ms for ms in time_calls(fn, device, calls))
             rows.append(dict(batch=batch, variant=name, host_us_per_call=host_us, stream_us_per_call=per_call_us))
             log(f"  B={batch:<3} {name:<26} host {host_us:8.1f} us/call   stream {per_call_us:8.1f} us/call")
     return rows
@@ -102,9 +109,7 @@ def layered_micro(device: str, batches: tuple[int, ...], layers: int, heads: int
         gen = torch.Generator().manual_seed(batch)
         qs = [torch.randn(batch, heads, 1, head_dim, generator=gen).to(device, dtype) for _ in range(layers)]
         ks = [torch.randn(batch, heads, keys, head_dim, generator=gen).to(device, dtype) for _ in range(layers)]
-        index = dict(dtype=torch.int64, device=device)
-        spans = dict(image_start=torch.full((batch,), 35, **index), image_len=torch.full((batch,), image, **index),
-                     key_start=torch.zeros(batch, **index), key_end=torch.full((batch, 1), keys, **index))
+        spans = decode_spans(batch, keys, image, device)
         scale = head_dim ** -0.5
 
         def layered() -> Any:
@@ -120,15 +125,7 @@ def layered_micro(device: str, batches: tuple[int, ...], layers: int, heads: int
 
         gap = float((layered() - per_layer()).abs().max())
         for name, fn in (("layered launch", layered), ("one launch per layer", per_layer)):
-            for _ in range(2):
-                fn()
-            sync(device)
-            started = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            host_ms = 1000 * (time.perf_counter() - started) / calls
-            sync(device)
-            stream_ms = 1000 * (time.perf_counter() - started) / calls
+            host_ms, stream_ms = time_calls(fn, device, calls, warmup=2)
             rows.append(dict(batch=batch, variant=name, host_ms=host_ms, stream_ms=stream_ms, max_diff=gap))
             log(f"  B={batch:<3} {layers} layers, {name:<22} host {host_ms:7.3f} ms/step   with the GPU "
                 f"{stream_ms:7.3f} ms/step   (max |layered - per layer| {gap:.1e})")
@@ -219,7 +216,6 @@ def adapter_image_size(adapter: Any) -> int:
 
 
 def profile_generate(adapter: Any, device: str, batch: int, new_tokens: int, top: int) -> str:
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from test_capture_bench import run_generate
@@ -232,9 +228,8 @@ def profile_generate(adapter: Any, device: str, batch: int, new_tokens: int, top
     parts = [f"--- fused generate, batch {batch}, {new_tokens} new tokens: by self CPU time ---",
              averages.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60)]
     if device == "cuda":
-        parts += [f"--- by self CUDA time ---",
+        parts += ["--- by self CUDA time ---",
                   averages.table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=60)]
-    del torch
     return "\n".join(parts)
 
 
@@ -249,9 +244,6 @@ def main(argv: list[str] | None = None) -> None:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    for path in (BENCH_DIR,):
-        if str(path) not in sys.path:
-            sys.path.insert(0, str(path))
     import gpu_bench
 
     small = args.small or device == "cpu"
