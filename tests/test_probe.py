@@ -81,6 +81,24 @@ def test_fused_host_backends_match_reference(family_run, backend):
         _assert_same(ref, fus)
 
 
+def test_a_static_cache_gives_the_reference_maps(family_run, monkeypatch):
+    """transformers' StaticCache hands the kernel its whole buffer, and an unpadded prefill gets no mask
+    (SDPA's top-left causal alignment): the maps must still be the published ones, padded or not."""
+    adapter, samples, reference = family_run
+    if adapter.family != "llava":
+        pytest.skip("one family is enough: the cache and the mask are the text model's")
+    plain_kwargs = adapter._generation_kwargs
+    monkeypatch.setattr(adapter, "_generation_kwargs", lambda *args: dict(
+        plain_kwargs(*args), cache_implementation="static", disable_compile=True))
+    batched = adapter.generate(samples, PROMPTS, max_new_tokens=NEW_TOKENS, capture="fused", batch_size=3,
+                               kv_cache="dynamic")
+    alone = adapter.generate(samples[1:2], PROMPTS[1:2], max_new_tokens=NEW_TOKENS, capture="fused",
+                             kv_cache="dynamic")
+    for ref, fus in zip(reference, batched):
+        _assert_same(ref, fus)
+    _assert_same(reference[1], alone[0])
+
+
 def test_batch_invariance(family_run):
     """A sample alone gives the same tokens and maps as inside a padded batch (both modes)."""
     adapter, samples, reference = family_run

@@ -352,7 +352,6 @@ class ImageAttentionCapture:
             self._image_len = self._image_len_host.to(device)
             self._gaps = torch.zeros((), dtype=torch.bool, device=device)
         row = _query_row(self.first_token_row, self._step, q_len)
-        position = kv_len - q_len + row  # absolute position of that query (keys = past + current)
         previous = self._previous_ranges
         if q_len == 1 and previous is not None and previous[0] == kv_len - 1 and previous[1] == (attention_mask is None):
             # A decode step only appends one valid key (generate extends the 2D mask with ones): the
@@ -365,9 +364,11 @@ class ImageAttentionCapture:
             return self._row_cache
         gap_start = gap_end = None
         if attention_mask is None:
-            # SDPA skipped the mask: no padding, plain causal attention.
+            # transformers skipped the mask (no padding), and sdpa_attention_forward runs SDPA with
+            # is_causal=True for several query rows, which aligns the causal mask top-left: row r sees
+            # keys [0, r], also when the keys are a longer preallocated (static) cache. One row sees all keys.
             key_start = torch.zeros(batch, dtype=torch.int64, device=device)
-            key_end = torch.full((batch, 1), position + 1, dtype=torch.int64, device=device)
+            key_end = torch.full((batch, 1), row + 1 if q_len > 1 else kv_len, dtype=torch.int64, device=device)
         else:
             if attention_mask.dim() != 4:
                 raise ValueError(f"expected a 4D attention mask, got shape {tuple(attention_mask.shape)}")
