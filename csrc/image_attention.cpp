@@ -91,13 +91,13 @@ double exponentiate(float* scores, py::ssize_t count, float best) {
   return total;
 }
 
-// Scaled dot products of one query row with keys [begin, end) into scores[0 .. end - begin); returns
-// max(best, their max).
+// Scaled dot products of one query row with keys [begin, end) (key j at kbase + j * key_stride) into
+// scores[0 .. end - begin); returns max(best, their max).
 PIXFOUND_WIDE_CLONES
-float scaled_dots(const float* qv, const float* kbase, py::ssize_t begin, py::ssize_t end, py::ssize_t dim,
-                  float scale, float* scores, float best) {
+float scaled_dots(const float* qv, const float* kbase, py::ssize_t key_stride, py::ssize_t begin, py::ssize_t end,
+                  py::ssize_t dim, float scale, float* scores, float best) {
   for (py::ssize_t j = begin; j < end; ++j) {
-    const float* kv = kbase + j * dim;
+    const float* kv = kbase + j * key_stride;
     float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
     for (py::ssize_t d = 0; d < dim; ++d) dot += qv[d] * kv[d];
@@ -122,14 +122,34 @@ struct RowSpans {
   const std::int64_t* gap_hi;
 };
 
-// One layer's query rows [B, Hq, R, D] and keys [B, Hkv, L, D], already checked.
+// One layer's query rows [B, Hq, R, D] and keys [B, Hkv, L, D], already checked. Strides are in
+// floats: the last dimension is contiguous, the others may be strided (a key cache's views of a
+// buffer with spare room).
 struct LayerInputs {
   const float* q;
   const float* k;
   py::ssize_t heads_kv;
   py::ssize_t keys;
   float scale;
+  py::ssize_t q_stride[3];  // batch, head, row
+  py::ssize_t k_stride[3];  // batch, head, key
 };
+
+// Strides of the first three dimensions in elements; the last dimension must be contiguous.
+void element_strides(const py::array& a, const char* name, py::ssize_t* out) {
+  const py::ssize_t item = a.itemsize();
+  if (a.shape(3) > 1 && a.strides(3) != item) {
+    fail(std::string(name) + " must be contiguous in its last dimension, got strides " + std::to_string(a.strides(0)) +
+         ", " + std::to_string(a.strides(1)) + ", " + std::to_string(a.strides(2)) + ", " +
+         std::to_string(a.strides(3)) + " bytes");
+  }
+  for (int d = 0; d < 3; ++d) {
+    if (a.strides(d) < 0 || a.strides(d) % item != 0) {
+      fail(std::string(name) + " has a negative or misaligned stride in dimension " + std::to_string(d));
+    }
+    out[d] = a.strides(d) / item;
+  }
+}
 
 LayerInputs check_layer(const py::array& q, const py::array& k, double scale, py::ssize_t batch, py::ssize_t heads_q,
                         py::ssize_t rows, py::ssize_t dim, const std::string& where) {
@@ -137,16 +157,17 @@ LayerInputs check_layer(const py::array& q, const py::array& k, double scale, py
   require_ndim(k, ("k" + where).c_str(), 4, "[B, Hkv, L, D]");
   require_dtype(q, ("q" + where).c_str(), 'f', 4, "float32");
   require_dtype(k, ("k" + where).c_str(), 'f', 4, "float32");
-  require_c_contiguous(q, ("q" + where).c_str());
-  require_c_contiguous(k, ("k" + where).c_str());
   const py::ssize_t heads_kv = k.shape(1);
   if (q.shape(0) != batch || q.shape(1) != heads_q || q.shape(2) != rows || q.shape(3) != dim ||
       k.shape(0) != batch || k.shape(3) != dim || heads_kv == 0 || heads_q % heads_kv != 0) {
     fail("q" + where + " " + shape_str(q) + " and k" + where + " " + shape_str(k) +
          " must share B and D (and every layer the same q shape), with Hq a multiple of Hkv");
   }
-  return {static_cast<const float*>(q.data()), static_cast<const float*>(k.data()), heads_kv, k.shape(2),
-          static_cast<float>(scale)};
+  LayerInputs layer{static_cast<const float*>(q.data()), static_cast<const float*>(k.data()), heads_kv, k.shape(2),
+                    static_cast<float>(scale), {0, 0, 0}, {0, 0, 0}};
+  element_strides(q, ("q" + where).c_str(), layer.q_stride);
+  element_strides(k, ("k" + where).c_str(), layer.k_stride);
+  return layer;
 }
 
 // Checks the index arrays and the optional gap; the arrays must outlive the returned spans.
@@ -254,12 +275,12 @@ void accumulate(const std::vector<LayerInputs>& layers, py::ssize_t batch, py::s
         const py::ssize_t pieces[2][2] = {{lo, gap_lo}, {gap_hi, hi}};
         for (py::ssize_t h = 0; h < heads_q; ++h) {
           // Scores are indexed j - lo; the gap's slots stay unused.
-          const float* qv = layer.q + ((b * heads_q + h) * rows + r) * dim;
-          const float* kbase = layer.k + (b * layer.heads_kv + h / group) * keys * dim;
+          const float* qv = layer.q + b * layer.q_stride[0] + h * layer.q_stride[1] + r * layer.q_stride[2];
+          const float* kbase = layer.k + b * layer.k_stride[0] + (h / group) * layer.k_stride[1];
           float best = -std::numeric_limits<float>::infinity();
           for (const auto& piece : pieces) {
-            best = scaled_dots(qv, kbase, piece[0], piece[1], dim, layer.scale, scores.data() + (piece[0] - lo),
-                               best);
+            best = scaled_dots(qv, kbase, layer.k_stride[2], piece[0], piece[1], dim, layer.scale,
+                               scores.data() + (piece[0] - lo), best);
           }
           // Exponentials kept in scores for the image keys below; summed in double.
           double total = 0.0;

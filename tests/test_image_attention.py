@@ -389,6 +389,30 @@ def test_cpp_reads_strided_views_clamps_indices_and_gives_zero_rows() -> None:
     assert torch.isfinite(out).all() and (out == 0).all()
 
 
+def test_cpp_reads_key_cache_views_without_a_copy_bit_for_bit() -> None:
+    """Keys as a preallocated cache hands them out (views of a longer buffer) give the contiguous bits."""
+    from pixfound._kernels.image_attention import _host_rows, image_attention_layers_cpp_into
+
+    case = Case(batch=3, heads_q=6, heads_kv=2, rows=1, num_keys=37, head_dim=12, image_at="middle")
+    layers = [make_inputs(case, seed=40 + i, device=CPU) for i in range(2)]
+    first = layers[0]
+    index_args = {name: getattr(first, name) for name in ("image_start", "image_len", "key_start", "key_end")}
+    width = int(first.image_len.max())
+    views = []
+    for layer in layers:
+        buffer = torch.full((case.batch, case.heads_kv, case.num_keys + 9, case.head_dim), float("nan"))
+        buffer[:, :, : case.num_keys] = layer.k  # the spare room holds NaN: it must never be read
+        views.append(buffer[:, :, : case.num_keys])
+    assert not views[0].is_contiguous()
+    assert _host_rows(views[0]).ctypes.data == views[0].data_ptr()  # handed over without a copy
+
+    def run(keys: list[torch.Tensor]) -> torch.Tensor:
+        return image_attention_layers_cpp_into(torch.zeros(case.batch, 1, width), [l.q for l in layers], keys,
+                                               [l.scale for l in layers], **index_args)
+
+    assert torch.equal(run(views), run([l.k for l in layers]))
+
+
 def test_cpp_backend_needs_float32_host_tensors_and_rejects_bad_arrays() -> None:
     import numpy as np
 
@@ -402,7 +426,7 @@ def test_cpp_backend_needs_float32_host_tensors_and_rejects_bad_arrays() -> None
     index = np.zeros(1, np.int64)
     with pytest.raises(ValueError, match="k must be float32"):
         _C.image_attention(q, k.astype(np.float64), index, index, index, np.zeros((1, 1), np.int64), 1.0, 1)
-    with pytest.raises(ValueError, match="C-contiguous"):
+    with pytest.raises(ValueError, match="contiguous in its last dimension"):
         _C.image_attention(q, np.zeros((1, 1, 5, 8), np.float32)[..., ::2], index, index, index,
                            np.zeros((1, 1), np.int64), 1.0, 1)
     with pytest.raises(ValueError, match="key_end has shape"):

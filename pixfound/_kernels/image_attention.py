@@ -611,6 +611,17 @@ def _host_array(t: torch.Tensor | np.ndarray) -> np.ndarray:
     return t if isinstance(t, np.ndarray) else t.detach().contiguous().numpy()
 
 
+def _host_rows(t: torch.Tensor | np.ndarray) -> np.ndarray:
+    """q or k as a NumPy view for the C++ core, which takes any strides with a contiguous last dimension.
+
+    A key cache's views of a buffer with spare room pass without a copy.
+    """
+    if isinstance(t, np.ndarray):
+        return t
+    t = t.detach()
+    return (t if t.dim() == 0 or t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()).numpy()
+
+
 def image_attention_cpp_into(
     out: torch.Tensor,
     q: torch.Tensor,
@@ -663,7 +674,7 @@ def image_attention_layers_cpp_into(
     if out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 CPU tensor, got {out.dtype} on {out.device}")
     gaps = [None if gap is None else _host_array(gap) for gap in (gap_start, gap_end)]
-    _C.image_attention_layers([_host_array(q) for q in queries], [_host_array(k) for k in keys],
+    _C.image_attention_layers([_host_rows(q) for q in queries], [_host_rows(k) for k in keys],
                               [float(s) for s in scales], _host_array(image_start), _host_array(image_len),
                               _host_array(key_start), _host_array(key_end), out.shape[-1], *gaps, out=out.numpy(),
                               num_threads=torch.get_num_threads())
