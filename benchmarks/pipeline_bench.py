@@ -121,6 +121,7 @@ class BenchSettings:
     seed: int = 0
     phrase_vectors: str = "auto"
     share_image_prefix: bool = False      # pixfound and plain: prefix (system prompt + image) once per image
+    kv_cache: str = "preallocated"        # pixfound and plain (the published recipe: transformers' dynamic cache)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "protocols", tuple(int(p) for p in self.protocols))
@@ -326,7 +327,8 @@ def run_published_recipe(samples: Sequence[Any], adapter: Any, segmenter: Any, *
 
                 started = time.perf_counter()
                 (generation,) = adapter.generate([sample], [build_prompt(sample, protocol)],
-                                                 max_new_tokens=max_new_tokens, capture="reference", batch_size=1)
+                                                 max_new_tokens=max_new_tokens, capture="reference", batch_size=1,
+                                                 kv_cache="dynamic")
                 _sync(device)
                 stages["generate"] += time.perf_counter() - started
                 stages["capture"] += generation.timings.get("capture_s") or 0.0
@@ -406,7 +408,7 @@ def run_pixfound(samples: Sequence[Any], adapter: Any, segmenter: Any, mode: str
                  selects: Sequence[str] = ("oracle", "similarity"), max_new_tokens: int = 32,
                  kernel_backend: Optional[str] = None, sam_dtype: str = "float32",
                  sam_batch_size: Optional[int] = None, output_dir: Optional[str | os.PathLike] = None,
-                 share_image_prefix: bool = False) -> RunResult:
+                 share_image_prefix: bool = False, kv_cache: str = "preallocated") -> RunResult:
     """pixfound's :class:`GroundingPipeline` with ``--fused`` or ``--reference`` capture, records written as JSONL.
 
     ``vectors`` is the raw phrase-vector backend; the run wraps it in a fresh per-text cache, so
@@ -427,7 +429,7 @@ def run_pixfound(samples: Sequence[Any], adapter: Any, segmenter: Any, mode: str
         sam_batch_size=sam_batch_size or batch_size, device=device.split(":")[0],
         dtype=str(adapter.dtype).replace("torch.", ""),
         kernel_backend=kernel_backend or ("auto" if device.startswith("cuda") else "torch"),
-        progress=False, sam_dtype=sam_dtype, share_image_prefix=share_image_prefix,
+        progress=False, sam_dtype=sam_dtype, share_image_prefix=share_image_prefix, kv_cache=kv_cache,
     )
     cached = CachedPhraseVectors(vectors) if vectors is not None else None
     pipeline = GroundingPipeline(adapter, segmenter, nlp, config=config, vectors=cached)
@@ -474,7 +476,7 @@ def _signature(record: dict) -> dict:
 
 def run_plain_generation(samples: Sequence[Any], adapter: Any, *, batch_size: int = 8,
                          protocols: Sequence[int] = (1, 3), max_new_tokens: int = 32,
-                         share_image_prefix: bool = False) -> RunResult:
+                         share_image_prefix: bool = False, kv_cache: str = "preallocated") -> RunResult:
     """SDPA ``generate`` with no capture on the same prompts and batches: the limit of the generate stage.
 
     With ``share_image_prefix`` each batch's image prefixes are encoded once (counted as generate
@@ -500,7 +502,8 @@ def run_plain_generation(samples: Sequence[Any], adapter: Any, *, batch_size: in
             started = time.perf_counter()
             generations = adapter.generate(todo, [build_prompt(s, protocol) for s in todo],
                                            max_new_tokens=max_new_tokens, capture=None, batch_size=len(todo),
-                                           prefixes=[prefixes[str(s.id)] for s in todo] if prefixes else None)
+                                           prefixes=[prefixes[str(s.id)] for s in todo] if prefixes else None,
+                                           kv_cache=kv_cache)
             _sync(adapter.device)
             stages["generate"] += time.perf_counter() - started
             for sample, generation in zip(todo, generations):
@@ -525,10 +528,11 @@ def run_pipeline(name: str, settings: BenchSettings, components: Components, sam
                             vectors=components.vectors, protocols=settings.protocols, selects=settings.selects,
                             max_new_tokens=tokens, kernel_backend=settings.kernel_backend,
                             sam_dtype=settings.sam_dtype, sam_batch_size=settings.sam_batch_size,
-                            share_image_prefix=settings.share_image_prefix)
+                            share_image_prefix=settings.share_image_prefix, kv_cache=settings.kv_cache)
     if name == "plain":
         return run_plain_generation(samples, components.adapter, batch_size=batch, protocols=settings.protocols,
-                                    max_new_tokens=tokens, share_image_prefix=settings.share_image_prefix)
+                                    max_new_tokens=tokens, share_image_prefix=settings.share_image_prefix,
+                                    kv_cache=settings.kv_cache)
     raise ValueError(f"pipeline must be one of {PIPELINES}, got {name!r}")
 
 
@@ -1065,6 +1069,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--pipelines", default=",".join(PIPELINES))
     parser.add_argument("--share-image-prefix", action="store_true",
                         help="pixfound and plain runs: prefill system prompt + image once per image (all protocols)")
+    parser.add_argument("--kv-cache", choices=("preallocated", "dynamic"), default="preallocated",
+                        help="pixfound and plain runs' key/value cache (the published recipe keeps transformers' dynamic one)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-batch-cap", type=int, default=None, help="also search the largest batch up to this")
     parser.add_argument("--in-process", action="store_true", help="no subprocesses (memory peaks then mix)")
@@ -1086,7 +1092,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         size=args.size, samples=args.samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         protocols=tuple(int(p) for p in args.protocols.split(",")), image_hw=args.image_hw, sam=args.sam,
         sam_dtype=args.sam_dtype, device=args.device, dtype=args.dtype, threads=args.threads,
-        share_image_prefix=args.share_image_prefix,
+        share_image_prefix=args.share_image_prefix, kv_cache=args.kv_cache,
     )
     pipelines = [p.strip() for p in args.pipelines.split(",") if p.strip()]
     print(f"settings: {settings.to_dict()}", flush=True)

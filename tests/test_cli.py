@@ -7,6 +7,7 @@ kernels have their own interpreter tests), except in one small run that keeps th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -377,5 +378,10 @@ def test_prefix_sharing_and_cpp_backend_flags_reach_the_config():
     assert config.share_image_prefix is True and config.kernel_backend == "cpp"
     assert config.cudnn_attention is False
     assert _eval_config(build_parser().parse_args(["eval", "--cudnn-attention", "--output", "unused"])).cudnn_attention
+    assert config.kv_cache == "preallocated"
+    assert _eval_config(build_parser().parse_args(["eval", "--kv-cache", "dynamic", "--output", "unused"])).kv_cache \
+        == "dynamic"
+    with pytest.raises(ValueError, match="kv_cache must be one of"):
+        dataclasses.replace(config, kv_cache="static").validate()
     with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "--kernel-backend", "cuda"])

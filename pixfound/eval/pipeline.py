@@ -218,6 +218,7 @@ class GroundingPipeline:
             batch_size=len(items), first_token_row=config.first_token_row, do_sample=config.do_sample,
             temperature=config.temperature, seed=config.seed if config.do_sample else None,
             backend=config.kernel_backend, prefixes=prefixes, cudnn_attention=config.cudnn_attention,
+            kv_cache=config.kv_cache,
         )
         return generations, (time.perf_counter() - started) / max(1, len(items))
 

@@ -35,6 +35,8 @@ import tempfile
 import time
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence, Union
 
+from pixfound.models.base import KV_CACHES
+
 __all__ = [
     "EvalConfig",
     "IDENTITY_EXEMPT",
@@ -74,7 +76,8 @@ ANSWER_PROTOCOLS = (1, 2)
 KERNEL_BACKENDS = ("auto", "triton", "cpp", "torch")
 
 IDENTITY_EXEMPT = frozenset(
-    {"output", "resume", "batch_size", "sam_batch_size", "limit", "shard", "progress", "judge_base_url"}
+    # kv_cache only changes where the keys are stored: the records are the same bits either way.
+    {"output", "resume", "batch_size", "sam_batch_size", "limit", "shard", "progress", "judge_base_url", "kv_cache"}
 )
 
 
@@ -127,6 +130,7 @@ class EvalConfig:
     kernel_backend: str = "auto"
     share_image_prefix: bool = False  # prefill system prompt + image once per image for all protocols
     cudnn_attention: bool = False  # on CUDA, let SDPA use cuDNN while generating (a plan per new shape)
+    kv_cache: str = "preallocated"  # key/value storage while generating: preallocated or dynamic (same values)
     vqa_template: Optional[int] = None
     grounding_template: Optional[Union[int, str]] = None  # index, or a custom phrasing with one {}
     device: str = "auto"
@@ -168,6 +172,8 @@ class EvalConfig:
             raise ValueError(f"first_token_row must be 'second_to_last' or 'last', got {self.first_token_row!r}")
         if self.kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}")
+        if self.kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {self.kv_cache!r}")
         if self.do_sample and not self.temperature > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
         if self.vqa_template is not None and (isinstance(self.vqa_template, bool) or not isinstance(self.vqa_template, int)):

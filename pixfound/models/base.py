@@ -28,6 +28,8 @@ import torch
 FitMode = Literal["pad", "crop", "resize"]
 CaptureMode = Literal["fused", "reference"]
 FirstTokenRow = Literal["second_to_last", "last"]
+#: ``generate``'s ``kv_cache`` choices (see :mod:`pixfound.models.kv_cache`).
+KV_CACHES = ("preallocated", "dynamic")
 
 _FIT_MODES = ("pad", "crop", "resize")
 
@@ -358,8 +360,18 @@ class VisionLanguageAdapter(abc.ABC):
             )
         return prefixes
 
+    @property
+    def _cache_argument(self) -> str:
+        """The name under which the model's forward (and generate) takes a key/value cache."""
+        return "cache" if "cache" in _forward_parameters(self.model) else "past_key_values"
+
     def _prefixed_batch(
-        self, batch: PreparedBatch, samples: Sequence[Any], prefixes: Sequence[ImagePrefix]
+        self,
+        batch: PreparedBatch,
+        samples: Sequence[Any],
+        prefixes: Sequence[ImagePrefix],
+        kv_cache: str = "dynamic",
+        max_new_tokens: int = 0,
     ) -> Optional[PreparedBatch]:
         """``batch`` rebuilt as [shared prefix][padding][own text] with the prefixes' cache, or None.
 
@@ -399,15 +411,22 @@ class VisionLanguageAdapter(abc.ABC):
             new_mask[row, :shared] = 1
             new_ids[row, shared + width - own.numel():] = own
             new_mask[row, shared + width - own.numel():] = 1
-        from transformers import DynamicCache
+        prefill = [
+            (torch.stack([p.keys[layer] for p in prefixes]).to(self.device),
+             torch.stack([p.values[layer] for p in prefixes]).to(self.device))
+            for layer in range(len(prefixes[0].keys))
+        ]
+        if kv_cache == "preallocated":
+            from pixfound.models.kv_cache import preallocated_cache
 
-        cache = DynamicCache()
-        for layer in range(len(prefixes[0].keys)):
-            keys = torch.stack([p.keys[layer] for p in prefixes]).to(self.device)
-            values = torch.stack([p.values[layer] for p in prefixes]).to(self.device)
-            cache.update(keys, values, layer)
-        cache_arg = "cache" if "cache" in _forward_parameters(self.model) else "past_key_values"
-        inputs = {"input_ids": new_ids, "attention_mask": new_mask, cache_arg: cache}
+            cache = preallocated_cache(len(prefill), shared + width + max_new_tokens, prefill)
+        else:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+            for layer, (keys, values) in enumerate(prefill):
+                cache.update(keys, values, layer)
+        inputs = {"input_ids": new_ids, "attention_mask": new_mask, self._cache_argument: cache}
         layouts = [dataclasses.replace(layout, span_start=prefix.image_start)
                    for layout, prefix in zip(batch.layouts, prefixes)]
         return PreparedBatch(inputs=inputs, layouts=layouts, prompt_texts=batch.prompt_texts)
@@ -458,6 +477,7 @@ class VisionLanguageAdapter(abc.ABC):
         backend: str = "auto",
         prefixes: Optional[Sequence[ImagePrefix]] = None,
         cudnn_attention: bool = False,
+        kv_cache: str = "preallocated",
     ) -> list[Generation]:
         """Answer each (sample image, prompt) and record one image map per generated token.
 
@@ -478,11 +498,15 @@ class VisionLanguageAdapter(abc.ABC):
                 prompts do not start with their prefix, or whose prefixes differ in length, is
                 prefilled in full instead (``timings["prefix_shared"]`` says which happened).
             cudnn_attention: on CUDA, let SDPA use cuDNN (off: see :func:`generation_sdpa_backends`).
+            kv_cache: ``"preallocated"`` (keys and values written into buffers reserved for the prompt
+                and the new tokens: no per-step concatenation, same values) or ``"dynamic"``
+                (transformers' ``DynamicCache``, what the published recipe runs).
 
         Returns:
             One :class:`Generation` per sample, in input order.
         """
         from pixfound.attention import probe
+        from pixfound.models.kv_cache import preallocated_cache
 
         if len(samples) != len(prompts):
             raise ValueError(f"got {len(samples)} samples but {len(prompts)} prompts")
@@ -494,6 +518,8 @@ class VisionLanguageAdapter(abc.ABC):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if prefixes is not None and len(prefixes) != len(samples):
             raise ValueError(f"got {len(prefixes)} image prefixes for {len(samples)} samples")
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
         gen_kwargs = self._generation_kwargs(max_new_tokens, do_sample, temperature, top_p)
         stop_ids = self.stop_token_ids
 
@@ -505,9 +531,13 @@ class VisionLanguageAdapter(abc.ABC):
             batch = self.prepare(images, chunk_prompts)
             prefix_shared = False
             if prefixes is not None:
-                prefixed = self._prefixed_batch(batch, chunk, prefixes[begin : begin + batch_size])
+                prefixed = self._prefixed_batch(batch, chunk, prefixes[begin : begin + batch_size], kv_cache,
+                                                max_new_tokens)
                 if prefixed is not None:
                     batch, prefix_shared = prefixed, True
+            if kv_cache == "preallocated" and not prefix_shared:
+                cache = preallocated_cache(self.num_layers, batch.prompt_len + max_new_tokens)
+                batch = dataclasses.replace(batch, inputs={**batch.inputs, self._cache_argument: cache})
             if seed is not None:
                 torch.manual_seed(seed)
             started = time.perf_counter()
