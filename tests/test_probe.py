@@ -99,6 +99,43 @@ def test_a_static_cache_gives_the_reference_maps(family_run, monkeypatch):
     _assert_same(reference[1], alone[0])
 
 
+@pytest.mark.parametrize("backend", ["cpp", "auto"])
+def test_a_window_of_steps_gives_the_bits_of_one_call_per_step(family_run, monkeypatch, backend):
+    """The deferred capture computes several steps per call (one query row each): same bits as per step."""
+    adapter, samples, reference = family_run
+    if adapter.family != "llava":
+        pytest.skip("one family is enough: the window is the probe's, not the model's")
+    runs = {}
+    for limit in (1, 2, probe.MAX_WINDOW_STEPS):
+        monkeypatch.setattr(probe, "MAX_WINDOW_STEPS", limit)
+        runs[limit] = adapter.generate(samples, PROMPTS, max_new_tokens=NEW_TOKENS, capture="fused", batch_size=3,
+                                       backend=backend)
+    for one, two, many, ref in zip(runs[1], runs[2], runs[probe.MAX_WINDOW_STEPS], reference):
+        assert torch.equal(one.maps, two.maps) and torch.equal(one.maps, many.maps)
+        _assert_same(ref, many)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "auto"])
+def test_a_step_that_skipped_a_layer_is_reported_not_averaged(backend):
+    """Steps of one window that ran different numbers of layers are computed apart, then refused."""
+    adapter = tiny_model("llava")
+    config = adapter.model.config.text_config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    dim = config.hidden_size // heads
+    generator = torch.Generator().manual_seed(0)
+    buffer = torch.randn(1, kv_heads, 10, dim, generator=generator)  # a preallocated cache's storage
+    capture = probe.ImageAttentionCapture(adapter.model, image_start=[1], image_len=[4], backend=backend)
+    with pytest.raises(RuntimeError, match="generation step 1 ran the fused attention in 2 layers"):
+        with capture:
+            for step, (q_len, kv_len, layers) in enumerate([(6, 6, 3), (1, 7, 2), (1, 8, 3)]):
+                capture._on_step(adapter.model, ())
+                for _ in range(layers):
+                    query = torch.randn(1, heads, q_len, dim, generator=generator)
+                    capture._add_layer(query, buffer[:, :, :kv_len], None, dim**-0.5)
+    assert len(capture._steps) == 3  # every step was computed, each on its own
+    _assert_clean(adapter)
+
+
 def test_batch_invariance(family_run):
     """A sample alone gives the same tokens and maps as inside a padded batch (both modes)."""
     adapter, samples, reference = family_run

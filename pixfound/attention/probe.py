@@ -56,6 +56,38 @@ __all__ = [
 
 FUSED_ATTENTION = "pixfound_fused"
 _FIRST_TOKEN_ROWS = ("second_to_last", "last")
+# The deferred capture computes a window of generation steps in one call (each step is one query
+# row of it). Bounds: steps per window, and on the GPU the Triton launch's scratch memory
+# (layers x batch x (Hq + Hkv) x image keys floats per step).
+MAX_WINDOW_STEPS = 32
+TRITON_WINDOW_BYTES = 256 * 2**20
+
+
+class _PendingStep:
+    """A deferred generation step: its query row per layer (in layer order) and its key_end ``[B, 1]``."""
+
+    __slots__ = ("key_end", "queries")
+
+    def __init__(self, key_end: Any) -> None:
+        self.key_end = key_end
+        self.queries: list[torch.Tensor] = []
+
+
+def _extends(new: torch.Tensor, old: torch.Tensor) -> bool:
+    """Whether ``new`` holds ``old``'s keys at the same addresses, plus possibly more positions.
+
+    True for a preallocated cache's growing views and for a static cache's buffer, so the keys of
+    earlier steps are still there, unchanged (caches only append). A concatenating cache makes a
+    new tensor every step: False.
+    """
+    return (
+        new.data_ptr() == old.data_ptr()
+        and new.stride() == old.stride()
+        and new.shape[:2] == old.shape[:2]
+        and new.shape[3] == old.shape[3]
+        and new.shape[2] >= old.shape[2]
+        and new.dtype == old.dtype
+    )
 
 _registered = False
 _register_lock = threading.Lock()
@@ -267,8 +299,12 @@ class ImageAttentionCapture:
         self._row_cache: Optional[tuple] = None
         self._previous_ranges: Optional[tuple] = None  # (kv_len, mask is None, key_start, gap_start, gap_end)
         self._host_path: Optional[bool] = None  # the C++ path (NumPy indices)
-        self._deferred: Optional[bool] = None  # C++ or Triton: one call per step for all layers
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (query row, keys, scale) per layer
+        self._deferred: Optional[bool] = None  # C++ or Triton: one call per window of steps, all layers
+        self._window: list[_PendingStep] = []  # deferred steps, oldest first; the last may be the running one
+        self._window_ranges: Optional[tuple] = None  # (key_start, gap_start, gap_end) the window's steps share
+        self._window_limit = MAX_WINDOW_STEPS
+        self._layer_keys: list[torch.Tensor] = []  # per layer, the newest keys (they hold every window step's)
+        self._layer_scales: list[float] = []
         self._gaps: Optional[torch.Tensor] = None  # device flag: a valid-key row was not one contiguous range
         self._image_start: Optional[torch.Tensor] = None
         self._image_len: Optional[torch.Tensor] = None
@@ -306,6 +342,10 @@ class ImageAttentionCapture:
             self._hook = None
             self._attn_context = None
             self._close_step()
+            if exc_type is None:
+                self._flush_window(len(self._window))
+            self._window = []
+            self._layer_keys = []
             self._row_cache = None
         if exc_type is None and self._steps:
             self._result = self._finish()
@@ -319,7 +359,7 @@ class ImageAttentionCapture:
         self._row_cache = None
 
     def _close_step(self) -> None:
-        self._flush_layers()
+        """End the running step: store its sum (per-layer path); deferred steps wait in the window."""
         if self._step >= 0 and self._step_sum is not None:
             self._steps.append(self._step_sum[:, 0])
             self._layer_counts.append(self._step_layers)
@@ -409,15 +449,12 @@ class ImageAttentionCapture:
             chosen = choose_backend(self.backend, query, key)
             self._host_path = chosen == "cpp"
             self._deferred = chosen in ("cpp", "triton")
+            if chosen == "triton":
+                per_step = self.num_layers * self.batch_size * (query.shape[1] + key.shape[1]) * self.num_image_keys * 4
+                self._window_limit = max(1, min(MAX_WINDOW_STEPS, TRITON_WINDOW_BYTES // max(1, per_step)))
         row, key_start, key_end, gap_start, gap_end = self._rows_and_ranges(query, key, attention_mask)
         if self._deferred:
-            # The step's layers go to C++ or to one Triton launch when the step ends (_flush_layers):
-            # the host work around a per-layer call (checks, a launch, small sums) costs more than
-            # the layer's own math. Keeping the keys until then holds no extra memory (they are the
-            # cache's own tensors), and the next step's forward, which could update a cache in
-            # place, starts after the flush. The query row is copied only out of a prefill's query.
-            self._pending.append((query[:, :, row : row + 1].contiguous(), key, scaling))
-            self._step_layers += 1
+            self._defer_layer(query, key, scaling, row, (key_start, gap_start, gap_end), key_end)
             return
         began = self._timer.start(query.device)
         probs = image_attention(
@@ -441,29 +478,79 @@ class ImageAttentionCapture:
         self._step_layers += 1
         self._timer.stop(began)
 
-    def _flush_layers(self) -> None:
-        """Sum the pending layers of this step into its buffer: one C++ call or one Triton launch."""
-        if not self._pending:
+    def _defer_layer(
+        self, query: torch.Tensor, key: torch.Tensor, scale: float, row: int, ranges: tuple, key_end: Any
+    ) -> None:
+        """Keep this layer's query row for the window; the math runs in :meth:`_flush_window`.
+
+        The host work around a per-layer or per-step call (checks, a launch, small sums) costs more
+        than the math of a decode step, so a window of steps runs as one C++ call or one Triton
+        launch (every layer; one query row per step). It is sound because a step's keys stay in
+        the cache, unchanged, while later steps append theirs: the newest keys of a layer serve all
+        its window steps, each row reading only its own valid range. A cache that makes new tensors
+        every step (transformers' DynamicCache) closes the window each step instead, so old keys
+        are never held.
+        """
+        layer = self._step_layers
+        if layer == 0:
+            window = self._window
+            if window and (len(window) >= self._window_limit or any(
+                    a is not b for a, b in zip(ranges, self._window_ranges))):
+                self._flush_window(len(window))
+            self._window.append(_PendingStep(key_end))
+            self._window_ranges = ranges
+        if layer < len(self._layer_keys):
+            if not _extends(key, self._layer_keys[layer]) and len(self._window) > 1:
+                self._flush_window(len(self._window) - 1)  # the earlier steps need this layer's old keys
+            self._layer_keys[layer] = key
+            self._layer_scales[layer] = scale
+        else:
+            self._layer_keys.append(key)
+            self._layer_scales.append(scale)
+        # A decode step's query is a fresh [B, H, 1, D] tensor: kept as it is. A prefill's row is copied
+        # so that its whole query is not held.
+        query_row = query if query.shape[2] == 1 else query[:, :, row : row + 1].contiguous()
+        self._window[-1].queries.append(query_row)
+        self._step_layers += 1
+
+    def _flush_window(self, count: int) -> None:
+        """Compute the oldest ``count`` deferred steps, all layers in one call, into :attr:`_steps`."""
+        steps, self._window = self._window[:count], self._window[count:]
+        if not steps:
             return
-        device = self._pending[0][0].device
+        layer_counts = {len(step.queries) for step in steps}
+        if len(layer_counts) > 1:
+            # Steps that ran different numbers of layers (an error _finish reports) cannot share a call.
+            for step in steps:
+                self._window = [step] + self._window
+                self._flush_window(1)
+            return
+        layers = layer_counts.pop()
+        device = steps[0].queries[0].device
         began = self._timer.start(device)
-        _, key_start, key_end, gap_start, gap_end = self._row_cache
-        if self._step_sum is None:
-            self._step_sum = torch.zeros(self.batch_size, 1, self.num_image_keys, dtype=torch.float32, device=device)
-        queries, keys, scales = zip(*self._pending)
-        self._pending = []
+        key_start, gap_start, gap_end = self._window_ranges
+        out = torch.zeros(self.batch_size, len(steps), self.num_image_keys, dtype=torch.float32, device=device)
+        if len(steps) == 1:
+            queries = steps[0].queries
+            key_end = steps[0].key_end
+        else:
+            queries = [torch.cat([step.queries[i] for step in steps], dim=2) for i in range(layers)]
+            key_end = (np.concatenate([step.key_end for step in steps], axis=1) if self._host_path
+                       else torch.cat([step.key_end for step in steps], dim=1))
+        keys, scales = self._layer_keys[:layers], self._layer_scales[:layers]
         if self._host_path:
             image_attention_layers_cpp_into(
-                self._step_sum, list(queries), list(keys), list(scales), image_start=self._image_start_np,
-                image_len=self._image_len_np, key_start=key_start, key_end=key_end, gap_start=gap_start,
-                gap_end=gap_end,
+                out, queries, keys, scales, image_start=self._image_start_np, image_len=self._image_len_np,
+                key_start=key_start, key_end=key_end, gap_start=gap_start, gap_end=gap_end,
             )
         else:
             image_attention_layers_triton_into(
-                self._step_sum, list(queries), list(keys), list(scales), image_start=self._image_start,
-                image_len=self._image_len, key_start=key_start, key_end=key_end, gap_start=gap_start,
-                gap_end=gap_end,
+                out, queries, keys, scales, image_start=self._image_start, image_len=self._image_len,
+                key_start=key_start, key_end=key_end, gap_start=gap_start, gap_end=gap_end,
             )
+        for index in range(len(steps)):
+            self._steps.append(out[:, index])
+            self._layer_counts.append(layers)
         self._timer.stop(began)
 
     def capture_seconds(self) -> float:
