@@ -91,20 +91,38 @@ double exponentiate(float* scores, py::ssize_t count, float best) {
   return total;
 }
 
-// Scaled dot products of one query row with keys [begin, end) (key j at kbase + j * key_stride) into
-// scores[0 .. end - begin); returns max(best, their max).
+// Scores of several query rows against keys [lo, reach): scores[p * stride + (j - lo)] = scale * (q_p .
+// key j) for every pair p (a query row and head) with j < pair_end[p]. The key loop is outermost, so
+// each key is read once for all pairs (a window of decode steps shares its keys).
 PIXFOUND_WIDE_CLONES
-float scaled_dots(const float* qv, const float* kbase, py::ssize_t key_stride, py::ssize_t begin, py::ssize_t end,
-                  py::ssize_t dim, float scale, float* scores, float best) {
-  for (py::ssize_t j = begin; j < end; ++j) {
+void pair_scores(const float* const* queries, const py::ssize_t* pair_end, py::ssize_t pairs, const float* kbase,
+                 py::ssize_t key_stride, py::ssize_t lo, py::ssize_t reach, py::ssize_t dim, float scale,
+                 float* scores, py::ssize_t stride) {
+  for (py::ssize_t j = lo; j < reach; ++j) {
     const float* kv = kbase + j * key_stride;
-    float dot = 0.0f;
+    for (py::ssize_t p = 0; p < pairs; ++p) {
+      if (j >= pair_end[p]) continue;
+      const float* qv = queries[p];
+      float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-    for (py::ssize_t d = 0; d < dim; ++d) dot += qv[d] * kv[d];
-    dot *= scale;
-    scores[j - begin] = dot;
-    best = std::max(best, dot);
+      for (py::ssize_t d = 0; d < dim; ++d) dot += qv[d] * kv[d];
+      scores[p * stride + (j - lo)] = dot * scale;
+    }
   }
+}
+
+// max(best, scores[0 .. count)), eight lanes wide.
+PIXFOUND_WIDE_CLONES
+float block_max(const float* scores, py::ssize_t count, float best) {
+  constexpr py::ssize_t kLanes = 8;
+  float lanes[kLanes];
+  for (float& lane : lanes) lane = best;
+  py::ssize_t i = 0;
+  for (; i + kLanes <= count; i += kLanes) {
+    for (py::ssize_t l = 0; l < kLanes; ++l) lanes[l] = std::max(lanes[l], scores[i + l]);
+  }
+  for (; i < count; ++i) best = std::max(best, scores[i]);
+  for (float lane : lanes) best = std::max(best, lane);
   return best;
 }
 
@@ -229,16 +247,20 @@ py::array_t<float> output_array(const py::object& out_arg, py::ssize_t batch, py
 }
 
 // Adds, for every layer in order, the head mean of each row's image probabilities into op [B, R, N].
-// Layers run innermost per row, so the additions into an entry happen in the same order as one
-// call per layer would make them (the same bits).
+// Per sample, layer and kv head, every row and query head of the group is scored in one pass over
+// the keys (pair_scores): a window of decode steps (one row each) reads each key once. Every entry
+// receives its additions in the order layer, then head, whatever the number of rows, so one call
+// per layer or per step gives the same bits as one call for all.
 void accumulate(const std::vector<LayerInputs>& layers, py::ssize_t batch, py::ssize_t heads_q, py::ssize_t rows,
                 py::ssize_t dim, py::ssize_t num_image_keys, const RowSpans& spans, float* op,
                 py::ssize_t num_threads) {
-  py::ssize_t max_keys = 0, work = 0;
+  py::ssize_t max_keys = 0, max_group = 1, work = 0;
   for (const auto& layer : layers) {
     max_keys = std::max(max_keys, layer.keys);
+    max_group = std::max(max_group, heads_q / layer.heads_kv);
     work += batch * rows * heads_q * layer.keys * dim;
   }
+  const py::ssize_t max_pairs = rows * max_group;
   const float inv_heads = 1.0f / static_cast<float>(heads_q);
   // Threads only pay off on large calls: per decode step the work is small, and waking a second
   // OpenMP runtime beside torch's costs more than it saves.
@@ -253,44 +275,69 @@ void accumulate(const std::vector<LayerInputs>& layers, py::ssize_t batch, py::s
   py::gil_scoped_release release;
 #pragma omp parallel if (parallel) num_threads(threads)
   {
-    std::vector<float> scores(static_cast<size_t>(max_keys));
+    std::vector<float> scores(static_cast<size_t>(max_pairs * std::max<py::ssize_t>(max_keys, 1)));
+    std::vector<const float*> queries(static_cast<size_t>(max_pairs));
+    std::vector<py::ssize_t> pair_end(static_cast<size_t>(max_pairs));
+    // Per row: its valid keys [lo, gap_lo) and [gap_hi, hi).
+    std::vector<py::ssize_t> row_hi(static_cast<size_t>(rows)), row_gap_lo(static_cast<size_t>(rows)),
+        row_gap_hi(static_cast<size_t>(rows));
 #pragma omp for schedule(static)
-    for (py::ssize_t br = 0; br < batch * rows; ++br) {
-      const py::ssize_t b = br / rows, r = br % rows;
-      float* row_out = op + br * num_image_keys;
+    for (py::ssize_t b = 0; b < batch; ++b) {
+      const py::ssize_t n_img = std::clamp<py::ssize_t>(spans.image_len[b], 0, num_image_keys);
+      if (n_img == 0) continue;
       for (const auto& layer : layers) {
         const py::ssize_t keys = layer.keys, group = heads_q / layer.heads_kv;
         // Indices are clamped into [0, L], as in the Triton kernel: bad values cannot read outside k.
         const py::ssize_t lo = std::clamp<py::ssize_t>(spans.key_start[b], 0, keys);
-        const py::ssize_t hi = std::clamp<py::ssize_t>(spans.key_end[b * rows + r], lo, keys);
-        const py::ssize_t n_img = std::clamp<py::ssize_t>(spans.image_len[b], 0, num_image_keys);
-        // The valid keys are [lo, gap_lo) and [gap_hi, hi): the gap clamped into the row; an empty
-        // gap (end <= start) or none leaves gap_lo = gap_hi = hi.
-        py::ssize_t gap_lo = hi, gap_hi = hi;
-        if (spans.gap_lo != nullptr && spans.gap_hi[b] > spans.gap_lo[b]) {
-          gap_lo = std::clamp<py::ssize_t>(spans.gap_lo[b], lo, hi);
-          gap_hi = std::clamp<py::ssize_t>(spans.gap_hi[b], gap_lo, hi);
+        py::ssize_t reach = lo;
+        for (py::ssize_t r = 0; r < rows; ++r) {
+          const py::ssize_t hi = std::clamp<py::ssize_t>(spans.key_end[b * rows + r], lo, keys);
+          // The gap clamped into the row; an empty gap (end <= start) or none leaves gap_lo = gap_hi = hi.
+          py::ssize_t gap_lo = hi, gap_hi = hi;
+          if (spans.gap_lo != nullptr && spans.gap_hi[b] > spans.gap_lo[b]) {
+            gap_lo = std::clamp<py::ssize_t>(spans.gap_lo[b], lo, hi);
+            gap_hi = std::clamp<py::ssize_t>(spans.gap_hi[b], gap_lo, hi);
+          }
+          row_hi[r] = hi;
+          row_gap_lo[r] = gap_lo;
+          row_gap_hi[r] = gap_hi;
+          reach = std::max(reach, hi);
         }
-        if ((gap_lo - lo) + (hi - gap_hi) <= 0 || n_img == 0) continue;
-        const py::ssize_t pieces[2][2] = {{lo, gap_lo}, {gap_hi, hi}};
-        for (py::ssize_t h = 0; h < heads_q; ++h) {
-          // Scores are indexed j - lo; the gap's slots stay unused.
-          const float* qv = layer.q + b * layer.q_stride[0] + h * layer.q_stride[1] + r * layer.q_stride[2];
-          const float* kbase = layer.k + b * layer.k_stride[0] + (h / group) * layer.k_stride[1];
-          float best = -std::numeric_limits<float>::infinity();
-          for (const auto& piece : pieces) {
-            best = scaled_dots(qv, kbase, layer.k_stride[2], piece[0], piece[1], dim, layer.scale,
-                               scores.data() + (piece[0] - lo), best);
+        const py::ssize_t stride = std::max<py::ssize_t>(reach - lo, 1);
+        for (py::ssize_t kvh = 0; kvh < layer.heads_kv; ++kvh) {
+          const py::ssize_t pairs = rows * group;
+          for (py::ssize_t r = 0; r < rows; ++r) {
+            for (py::ssize_t g = 0; g < group; ++g) {
+              const py::ssize_t h = kvh * group + g;
+              queries[r * group + g] = layer.q + b * layer.q_stride[0] + h * layer.q_stride[1] + r * layer.q_stride[2];
+              pair_end[r * group + g] = row_hi[r];
+            }
           }
-          // Exponentials kept in scores for the image keys below; summed in double.
-          double total = 0.0;
-          for (const auto& piece : pieces) {
-            total += exponentiate(scores.data() + (piece[0] - lo), piece[1] - piece[0], best);
-          }
-          const float weight = static_cast<float>(1.0 / total) * inv_heads;
-          for (py::ssize_t i = 0; i < n_img; ++i) {
-            const py::ssize_t j = spans.image_start[b] + i;
-            if (j >= lo && j < hi && (j < gap_lo || j >= gap_hi)) row_out[i] += scores[j - lo] * weight;
+          // Scores are indexed j - lo; the gap's slots are computed but never used.
+          pair_scores(queries.data(), pair_end.data(), pairs, layer.k + b * layer.k_stride[0] + kvh * layer.k_stride[1],
+                      layer.k_stride[2], lo, reach, dim, layer.scale, scores.data(), stride);
+          for (py::ssize_t r = 0; r < rows; ++r) {
+            const py::ssize_t hi = row_hi[r], gap_lo = row_gap_lo[r], gap_hi = row_gap_hi[r];
+            if ((gap_lo - lo) + (hi - gap_hi) <= 0) continue;
+            const py::ssize_t pieces[2][2] = {{lo, gap_lo}, {gap_hi, hi}};
+            float* row_out = op + (b * rows + r) * num_image_keys;
+            for (py::ssize_t g = 0; g < group; ++g) {
+              float* row_scores = scores.data() + (r * group + g) * stride;
+              float best = -std::numeric_limits<float>::infinity();
+              for (const auto& piece : pieces) {
+                best = block_max(row_scores + (piece[0] - lo), piece[1] - piece[0], best);
+              }
+              // Exponentials kept in row_scores for the image keys below; summed in double.
+              double total = 0.0;
+              for (const auto& piece : pieces) {
+                total += exponentiate(row_scores + (piece[0] - lo), piece[1] - piece[0], best);
+              }
+              const float weight = static_cast<float>(1.0 / total) * inv_heads;
+              for (py::ssize_t i = 0; i < n_img; ++i) {
+                const py::ssize_t j = spans.image_start[b] + i;
+                if (j >= lo && j < hi && (j < gap_lo || j >= gap_hi)) row_out[i] += row_scores[j - lo] * weight;
+              }
+            }
           }
         }
       }
