@@ -4,11 +4,12 @@
 #include "image_attention.hpp"
 #include "mask_iou.hpp"
 #include "peaks.hpp"
+#include "rle.hpp"
 
 namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "pixfound compiled core: bit-packed mask IoU and peak finding";
+  m.doc() = "pixfound compiled core: bit-packed mask IoU, RLE encoding, peak finding and the capture's host path";
 
   m.def(
       "pack_masks",
@@ -19,6 +20,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("masks"), "Pack bool/uint8 masks [N,H,W] into (words uint64 [N,ceil(H*W/64)], areas int64 [N], H, W).");
   m.def("packed_iou", &pixfound::packed_iou, py::arg("a_words"), py::arg("a_areas"), py::arg("b_words"),
         py::arg("b_areas"), py::arg("empty") = 1.0, "IoU float32 [N,M] between two packed mask sets.");
+  m.def("rle_encode", &pixfound::rle_encode, py::arg("masks"),
+        "COCO compressed RLE counts (bytes, as pycocotools' encode) of C-contiguous bool/uint8 masks [N,H,W].");
   m.def("topk_peaks", &pixfound::topk_peaks, py::arg("maps"), py::arg("k") = 1,
         "Top-k (x, y) per map of float maps [G,H,W] -> int64 [G,k,2]; ties to the lowest flat index.");
   m.def("local_peaks", &pixfound::local_peaks, py::arg("map"), py::arg("min_distance"), py::arg("threshold"),

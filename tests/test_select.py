@@ -14,6 +14,8 @@ from pixfound.grounding.select import (
     candidate_ious,
     choice_prompt,
     mask_to_rle,
+    masks_to_rle,
+    masks_to_rle_reference,
     oracle_ious_reference,
     parse_choice,
     parse_exists,
@@ -147,6 +149,58 @@ def test_rle_round_trip_odd_size():
     assert np.array_equal(rle_to_mask(rle), mask)
     with pytest.raises(ValueError, match="2-d"):
         mask_to_rle(np.zeros((2, 3, 4), bool))
+
+
+
+def _rle_cases():
+    rng = np.random.default_rng(7)
+    for shape in [(3, 1, 1), (2, 7, 1), (2, 1, 9), (4, 13, 17), (3, 33, 65), (2, 96, 128)]:
+        yield f"{shape}-random", rng.random(shape) < 0.5
+        yield f"{shape}-sparse", rng.random(shape) < 0.03
+        yield f"{shape}-zeros", np.zeros(shape, bool)
+        yield f"{shape}-ones", np.ones(shape, bool)
+        corner = np.zeros(shape, bool)
+        corner[:, 0, 0] = True  # a first count of 0
+        corner[:, -1, -1] = True
+        yield f"{shape}-corners", corner
+        blob = np.zeros(shape, bool)
+        blob[:, shape[1] // 3 : 2 * shape[1] // 3 + 1, shape[2] // 4 :] = True
+        yield f"{shape}-blob", blob
+
+
+@pytest.mark.parametrize("name, masks", list(_rle_cases()), ids=[name for name, _ in _rle_cases()])
+def test_cpp_rle_equals_pycocotools(name, masks):
+    expected = masks_to_rle_reference(masks)
+    assert masks_to_rle(masks) == expected
+    for rle, mask in zip(expected, masks):
+        assert np.array_equal(rle_to_mask(rle), mask)
+
+
+def test_rle_takes_any_nonzero_torch_and_strided_masks():
+    rng = np.random.default_rng(8)
+    values = (rng.random((3, 21, 34)) < 0.4) * rng.integers(1, 255, (3, 21, 34))
+    inside = values != 0
+    expected = masks_to_rle_reference(inside)
+    assert masks_to_rle(values.astype(np.uint8)) == expected
+    assert masks_to_rle(values.astype(np.float32)) == expected
+    assert masks_to_rle(torch.from_numpy(inside)) == expected
+    wide = np.zeros((3, 21, 68), bool)
+    wide[:, :, ::2] = inside
+    assert masks_to_rle(wide[:, :, ::2]) == expected  # not contiguous
+    assert masks_to_rle(np.zeros((0, 5, 6), bool)) == []
+    with pytest.raises(ValueError, match=r"masks \[N, H, W\]"):
+        masks_to_rle(np.zeros((5, 6), bool))
+
+
+def test_cpp_rle_rejects_what_it_cannot_read():
+    from pixfound import _C
+
+    with pytest.raises(ValueError, match="bool or uint8"):
+        _C.rle_encode(np.zeros((1, 2, 2), np.float32))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _C.rle_encode(np.zeros((1, 4, 4), np.uint8)[:, :, ::2])
+    with pytest.raises(ValueError, match="3-d"):
+        _C.rle_encode(np.zeros((4, 4), np.uint8))
 
 
 # --------------------------------------------------------------------------- oracle

@@ -46,6 +46,7 @@ __all__ = [
     "choice_prompt",
     "mask_to_rle",
     "masks_to_rle",
+    "masks_to_rle_reference",
     "rle_to_mask",
     "SIMILARITY_THRESHOLD",
 ]
@@ -60,26 +61,47 @@ OVERLAY_ALPHA = 0.5
 
 def mask_to_rle(mask: np.ndarray) -> dict:
     """COCO compressed RLE of a 2-d mask: ``{"size": [H, W], "counts": str}`` (JSON-ready)."""
-    from pycocotools import mask as coco_mask
-
-    mask = np.asarray(mask)
+    mask = _to_numpy(mask, "mask")
     if mask.ndim != 2:
         raise ValueError(f"mask_to_rle expects a 2-d mask [H, W], got shape {mask.shape}")
-    rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+    return masks_to_rle(mask[None])[0]
 
 
-def masks_to_rle(masks: Any) -> list[dict]:
-    """:func:`mask_to_rle` of each mask of ``masks`` [N, H, W] (bool/uint8, NumPy or torch), in one encoder call."""
-    from pycocotools import mask as coco_mask
-
+def _host_masks(masks: Any) -> np.ndarray:
     masks = _to_numpy(masks, "masks")
     if masks.ndim != 3:
         raise ValueError(f"masks_to_rle expects masks [N, H, W], got shape {masks.shape}")
+    return masks
+
+
+def masks_to_rle(masks: Any) -> list[dict]:
+    """:func:`mask_to_rle` of each mask of ``masks`` [N, H, W] (any nonzero is inside; NumPy or torch).
+
+    The C++ core reads the row-major masks column by column; :func:`masks_to_rle_reference`
+    (pycocotools, after a column-major copy) gives the same strings.
+    """
+    from pixfound import _C
+
+    masks = _host_masks(masks)
+    if masks.dtype == np.bool_:
+        masks = masks.view(np.uint8)
+    elif masks.dtype != np.uint8:
+        masks = masks != 0
+        masks = masks.view(np.uint8)
+    height, width = int(masks.shape[1]), int(masks.shape[2])
+    return [{"size": [height, width], "counts": counts.decode("ascii")}
+            for counts in _C.rle_encode(np.ascontiguousarray(masks))]
+
+
+def masks_to_rle_reference(masks: Any) -> list[dict]:
+    """:func:`masks_to_rle` with pycocotools' encoder (the reference)."""
+    from pycocotools import mask as coco_mask
+
+    masks = _host_masks(masks)
     if masks.shape[0] == 0:
         return []
     # pycocotools reads [H, W, N] in column-major order: each mask is one contiguous column-major block.
-    columns = np.asfortranarray(masks.astype(np.uint8, copy=False).transpose(1, 2, 0))
+    columns = np.asfortranarray((masks != 0).astype(np.uint8).transpose(1, 2, 0))
     return [{"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")}
             for r in coco_mask.encode(columns)]
 
