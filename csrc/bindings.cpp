@@ -24,6 +24,10 @@ PYBIND11_MODULE(_C, m) {
         "COCO compressed RLE counts (bytes, as pycocotools' encode) of C-contiguous bool/uint8 masks [N,H,W].");
   m.def("topk_peaks", &pixfound::topk_peaks, py::arg("maps"), py::arg("k") = 1,
         "Top-k (x, y) per map of float maps [G,H,W] -> int64 [G,k,2]; ties to the lowest flat index.");
+  m.def("upsample_topk", &pixfound::upsample_topk, py::arg("maps"), py::arg("full_h"), py::arg("full_w"),
+        py::arg("top"), py::arg("left"), py::arg("out_h"), py::arg("out_w"), py::arg("k") = 1,
+        "Top-k (x, y) of float32 maps [G,h,w] bicubically upsampled to full_h x full_w (align_corners=False), "
+        "within the window [top, top+out_h) x [left, left+out_w) -> int64 [G,k,2]; ties to the lowest flat index.");
   m.def("local_peaks", &pixfound::local_peaks, py::arg("map"), py::arg("min_distance"), py::arg("threshold"),
         py::arg("border_width"), py::arg("num_peaks"),
         "Local maxima (x, y) of a float map [H,W], strongest first, as skimage.feature.peak_local_max.");

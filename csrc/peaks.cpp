@@ -87,6 +87,34 @@ py::array_t<std::int64_t> topk_typed(const py::array& maps, py::ssize_t k) {
   return out;
 }
 
+// One axis of the bicubic resampling: per output index, its 4 source taps (clamped to the border) and
+// their weights, as interpolate(mode="bicubic", align_corners=False) computes them in float32: the
+// source coordinate scale * (i + 0.5) - 0.5 is not clamped; its integer part is capped at in - 1
+// and the fraction clamped to [0, 1]; Keys' cubic convolution with A = -0.75 at the distances
+// t + 1, t, 1 - t and 2 - t.
+struct CubicAxis {
+  std::vector<py::ssize_t> taps;  // [out, 4]
+  std::vector<float> weights;     // [out, 4]
+};
+
+CubicAxis cubic_axis(py::ssize_t in, py::ssize_t full, py::ssize_t offset, py::ssize_t out) {
+  CubicAxis axis{std::vector<py::ssize_t>(static_cast<size_t>(out * 4)), std::vector<float>(static_cast<size_t>(out * 4))};
+  const float scale = static_cast<float>(in) / static_cast<float>(full);
+  for (py::ssize_t i = 0; i < out; ++i) {
+    const float source = scale * (static_cast<float>(i + offset) + 0.5f) - 0.5f;
+    const py::ssize_t base = std::min(static_cast<py::ssize_t>(std::floor(source)), in - 1);
+    const float t = std::min(std::max(source - static_cast<float>(base), 0.0f), 1.0f);
+    const float s = 1.0f - t, far_t = t + 1.0f, far_s = s + 1.0f;
+    float* w = axis.weights.data() + i * 4;
+    w[0] = ((-0.75f * far_t + 3.75f) * far_t - 6.0f) * far_t + 3.0f;
+    w[1] = ((1.25f * t - 2.25f) * t) * t + 1.0f;
+    w[2] = ((1.25f * s - 2.25f) * s) * s + 1.0f;
+    w[3] = ((-0.75f * far_s + 3.75f) * far_s - 6.0f) * far_s + 3.0f;
+    for (py::ssize_t j = 0; j < 4; ++j) axis.taps[i * 4 + j] = std::clamp<py::ssize_t>(base + j - 1, 0, in - 1);
+  }
+  return axis;
+}
+
 // Separable square maximum filter with 'nearest' borders (scipy.ndimage.maximum_filter(mode="nearest")).
 template <typename T>
 std::vector<T> maximum_filter(const T* img, py::ssize_t h, py::ssize_t w, py::ssize_t radius) {
@@ -178,6 +206,79 @@ py::array_t<std::int64_t> topk_peaks(const py::array& maps, py::ssize_t k) {
          ", got " + std::to_string(k));
   }
   return maps.dtype().itemsize() == 4 ? topk_typed<float>(maps, k) : topk_typed<double>(maps, k);
+}
+
+py::array_t<std::int64_t> upsample_topk(const py::array& maps, py::ssize_t full_h, py::ssize_t full_w, py::ssize_t top,
+                                        py::ssize_t left, py::ssize_t out_h, py::ssize_t out_w, py::ssize_t k) {
+  require_ndim(maps, "maps", 3, "[G, h, w]");
+  if (maps.dtype().kind() != 'f' || maps.dtype().itemsize() != 4) {
+    fail("maps must be float32, got dtype " + dtype_name(maps.dtype()) + " with shape " + shape_str(maps));
+  }
+  require_c_contiguous(maps, "maps");
+  require_non_empty(maps, "maps");
+  if (full_h < 1 || full_w < 1 || out_h < 1 || out_w < 1 || top < 0 || left < 0 || top + out_h > full_h ||
+      left + out_w > full_w) {
+    fail("the window [" + std::to_string(top) + ", " + std::to_string(top + out_h) + ") x [" + std::to_string(left) +
+         ", " + std::to_string(left + out_w) + ") must lie inside the " + std::to_string(full_h) + " x " +
+         std::to_string(full_w) + " upsampled grid");
+  }
+  const py::ssize_t count = out_h * out_w;
+  if (k < 1 || k > count) {
+    fail("k must be between 1 and H*W = " + std::to_string(count) + ", got " + std::to_string(k));
+  }
+  const py::ssize_t g = maps.shape(0), in_h = maps.shape(1), in_w = maps.shape(2);
+  const float* data = static_cast<const float*>(maps.data());
+  py::array_t<std::int64_t> out({g, k, py::ssize_t(2)});
+  auto* o = out.mutable_data();
+  bool nan_found = false;
+  {
+    py::gil_scoped_release release;
+    const CubicAxis ys = cubic_axis(in_h, full_h, top, out_h), xs = cubic_axis(in_w, full_w, left, out_w);
+    std::vector<float> along_x(static_cast<size_t>(in_h * out_w)), values(static_cast<size_t>(count));
+    std::vector<std::int64_t> index(static_cast<size_t>(k));
+    for (py::ssize_t m = 0; m < g && !nan_found; ++m) {
+      const float* map = data + m * in_h * in_w;
+      if (has_nan(map, in_h * in_w)) {
+        nan_found = true;
+        break;
+      }
+      // Each source row interpolated along x once, then the rows combined along y (torch's order).
+      for (py::ssize_t r = 0; r < in_h; ++r) {
+        const float* row = map + r * in_w;
+        float* dst = along_x.data() + r * out_w;
+        for (py::ssize_t x = 0; x < out_w; ++x) {
+          const py::ssize_t* tap = xs.taps.data() + x * 4;
+          const float* w = xs.weights.data() + x * 4;
+          float v = row[tap[0]] * w[0];
+          v += row[tap[1]] * w[1];
+          v += row[tap[2]] * w[2];
+          v += row[tap[3]] * w[3];
+          dst[x] = v;
+        }
+      }
+      for (py::ssize_t y = 0; y < out_h; ++y) {
+        const py::ssize_t* tap = ys.taps.data() + y * 4;
+        const float* w = ys.weights.data() + y * 4;
+        const float *r0 = along_x.data() + tap[0] * out_w, *r1 = along_x.data() + tap[1] * out_w,
+                    *r2 = along_x.data() + tap[2] * out_w, *r3 = along_x.data() + tap[3] * out_w;
+        float* dst = values.data() + y * out_w;
+        for (py::ssize_t x = 0; x < out_w; ++x) {
+          float v = r0[x] * w[0];
+          v += r1[x] * w[1];
+          v += r2[x] * w[2];
+          v += r3[x] * w[3];
+          dst[x] = v;
+        }
+      }
+      topk_one(values.data(), count, k, index.data());
+      for (py::ssize_t i = 0; i < k; ++i) {
+        o[(m * k + i) * 2] = index[i] % out_w;      // x
+        o[(m * k + i) * 2 + 1] = index[i] / out_w;  // y
+      }
+    }
+  }
+  if (nan_found) fail("maps contains NaN (shape " + shape_str(maps) + "); peaks of a NaN map are undefined");
+  return out;
 }
 
 py::array_t<std::int64_t> local_peaks(const py::array& map, py::ssize_t min_distance, double threshold,

@@ -5,6 +5,8 @@ and natively when CUDA is present; sizes are kept small for the interpreter.
 """
 from __future__ import annotations
 
+import functools
+
 import zlib
 
 import pytest
@@ -200,7 +202,7 @@ HOT_CELLS = [(10, 18), (3, 17), (10, 4), (20, 9)]
 
 
 @pytest.mark.parametrize(("size", "aspect"), [((48, 48), "original"), ((48, 40), "pad"), ((44, 48), "pad")])
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", ["torch", "cpp", pytest.param("triton", marks=needs_triton)])
 def test_exact_ties_resolve_to_lowest_flat_index(size, aspect, backend):
     maps = torch.zeros(2, 24, 24)
     for r, c in HOT_CELLS:
@@ -232,7 +234,7 @@ def test_fused_constant_zero_maps_tie_everywhere(k):
 
 @pytest.mark.parametrize("aspect", ["pad", "original"])
 @pytest.mark.parametrize("cell", [(12, 5), (4, 20), (19, 11)])
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", ["torch", "cpp", pytest.param("triton", marks=needs_triton)])
 def test_single_hot_cell_peak_lies_in_that_cells_pixels(aspect, cell, backend):
     height, width = 480, 640
     maps = torch.zeros(1, 24, 24)
@@ -298,6 +300,57 @@ def test_fused_path_allocates_no_full_size_map():
 
 
 # --------------------------------------------------------------------------------------
+# C++ (host) against the reference
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 3, 12])
+@pytest.mark.parametrize(("grid", "size", "aspect", "_k", "n_maps"), FUSED_CASES)
+def test_cpp_matches_reference_on_random_maps(grid, size, aspect, _k, n_maps, k):
+    if k > size[0] * size[1]:
+        pytest.skip("k above the number of pixels")
+    seed = zlib.crc32(repr(("cpp", grid, size, aspect, k)).encode())
+    maps = torch.randn(n_maps + 2, *grid, generator=torch.Generator().manual_seed(seed))
+    peaks = upsample_peaks(maps, size, aspect=aspect, k=k, backend="cpp")
+    ref_peaks, ref_up = upsample_peaks_reference(maps, size, aspect=aspect, k=k, return_maps=True)
+    assert_peaks_match(peaks, ref_peaks, ref_up)
+    # fp16/bf16 maps are upcast first, as on every path
+    half = maps.to(torch.bfloat16)
+    torch.testing.assert_close(upsample_peaks(half, size, aspect=aspect, k=k, backend="cpp"),
+                               upsample_peaks(half.float(), size, aspect=aspect, k=k, backend="cpp"), atol=0, rtol=0)
+
+
+def test_cpp_with_return_maps_gives_the_reference_and_auto_picks_it_without_triton(monkeypatch):
+    maps = torch.randn(3, 16, 23, generator=torch.Generator().manual_seed(11))
+    got = upsample_peaks(maps, (50, 70), aspect="original", k=2, return_maps=True, backend="cpp")
+    ref = upsample_peaks_reference(maps, (50, 70), aspect="original", k=2, return_maps=True)
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # CPU tensors then cannot run Triton
+    calls = []
+    original = upsample_peak_module._upsample_peaks_cpp
+    monkeypatch.setattr(upsample_peak_module, "_upsample_peaks_cpp", lambda *a: calls.append(1) or original(*a))
+    assert_peaks_match(upsample_peaks(maps, (50, 70), k=2, backend="auto"),
+                       *upsample_peaks_reference(maps, (50, 70), k=2, return_maps=True))
+    assert calls == [1]
+
+
+def test_cpp_core_rejects_bad_windows_and_arrays():
+    import numpy as np
+
+    from pixfound import _C
+
+    good = np.zeros((2, 4, 4), np.float32)
+    with pytest.raises(ValueError, match="must lie inside"):
+        _C.upsample_topk(good, 10, 10, 5, 0, 6, 10, 1)
+    with pytest.raises(ValueError, match="float32"):
+        _C.upsample_topk(good.astype(np.float64), 10, 10, 0, 0, 10, 10, 1)
+    with pytest.raises(ValueError, match="k must be between"):
+        _C.upsample_topk(good, 10, 10, 0, 0, 2, 2, 5)
+    with pytest.raises(ValueError, match="NaN"):
+        _C.upsample_topk(np.full((1, 4, 4), np.nan, np.float32), 10, 10, 0, 0, 10, 10, 1)
+
+
+# --------------------------------------------------------------------------------------
 # Backends and validation
 # --------------------------------------------------------------------------------------
 
@@ -350,7 +403,8 @@ BAD_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("fn", [upsample_peaks, upsample_peaks_reference])
+@pytest.mark.parametrize("fn", [upsample_peaks, upsample_peaks_reference,
+                                functools.partial(upsample_peaks, backend="cpp")], ids=["auto", "reference", "cpp"])
 @pytest.mark.parametrize(("overrides", "message"), BAD_CALLS)
 def test_bad_input_raises_value_error(fn, overrides, message):
     call = dict(maps=GOOD, size=(10, 12), aspect="pad", k=1) | overrides

@@ -188,6 +188,15 @@ def upsample_reference(
     return _upsample_checked(maps32, geo)
 
 
+def _upsample_peaks_cpp(maps32: torch.Tensor, geo: _Geometry, k: int) -> torch.Tensor:
+    """The C++ core's fused path (``pixfound._C.upsample_topk``) on validated float32 CPU maps."""
+    from pixfound import _C
+
+    peaks = _C.upsample_topk(maps32.detach().contiguous().numpy(), geo.full_h, geo.full_w, geo.top, geo.left,
+                             geo.out_h, geo.out_w, k)
+    return torch.from_numpy(peaks)
+
+
 def upsample_peaks_reference(
     maps: torch.Tensor,
     size: Sequence[int],
@@ -475,7 +484,9 @@ def upsample_peaks(
             ``peaks[:, r - 1]`` gives the published ``--point-rank r`` point.
         return_maps: also return the float32 ``[G, H, W]`` upsampled maps (for overlays).
         backend: ``"auto"`` (Triton on CUDA tensors, or on CPU with ``TRITON_INTERPRET=1``;
-            else torch), ``"triton"`` or ``"torch"``. ``k > MAX_TRITON_K`` always uses torch.
+            else the C++ core on the CPU), ``"triton"``, ``"cpp"`` (CPU tensors; the same
+            formula one map at a time, never more than one upsampled map in memory) or
+            ``"torch"``. ``k > MAX_TRITON_K`` on Triton and ``return_maps=True`` on C++ use torch.
 
     Returns:
         int64 ``[G, k, 2]`` peaks as (x, y), best first, ties to the lowest flat index
@@ -483,9 +494,16 @@ def upsample_peaks(
         ``(peaks, maps [G, H, W])``.
     """
     maps32, geo = _check_args(maps, size, aspect, k)
-    chosen = resolve_backend(backend, maps32)
-    if backend == "auto" and maps32.device.type == "cpu" and not _DECORATED_FOR_INTERPRETER:
-        chosen = "torch"  # TRITON_INTERPRET was set after this module was imported
+    if backend == "cpp":
+        if maps32.device.type != "cpu":
+            raise ValueError(f"backend='cpp' takes CPU tensors, got maps on {maps32.device}")
+        chosen = "cpp"
+    else:
+        chosen = resolve_backend(backend, maps32)
+        if backend == "auto" and maps32.device.type == "cpu" and (chosen == "torch" or not _DECORATED_FOR_INTERPRETER):
+            chosen = "cpp"  # no Triton here (or it was enabled after this module was imported)
+    if chosen == "cpp" and not return_maps:
+        return _upsample_peaks_cpp(maps32, geo, k)
     if chosen == "triton" and k <= MAX_TRITON_K and geo.out_h * geo.out_w < _NO_INDEX:
         return _upsample_peaks_triton(maps32, geo, k, return_maps)
     upsampled = _upsample_checked(maps32, geo)

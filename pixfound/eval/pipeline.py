@@ -293,9 +293,8 @@ class GroundingPipeline:
 
         config = self.config
         started = time.perf_counter()
-        backend = "torch" if config.kernel_backend == "cpp" else config.kernel_backend  # no C++ upsample op
         points = phrase_points(maps, generation.geometry, point_rank=config.point_rank, num_points=config.num_points,
-                               backend=backend)
+                               backend=config.kernel_backend)
         return PreparedGrounding(phrases, points, phrases_s=phrases_s, upsample_peak_s=time.perf_counter() - started)
 
     # -- pieces ---------------------------------------------------------------------------------
