@@ -32,14 +32,24 @@ def make_sample(index: int, size: tuple[int, int]) -> Sample:
     return random_image_sample(index, size, seed_base=1000, id_prefix="img")
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_vl"])
-def family_run(request):
-    """One tiny model per family, with its reference (eager) generation of the 3-sample batch."""
-    family = request.param
+def _reference_run(family: str):
+    """A tiny model of ``family`` with its reference (eager) generation of the 3-sample batch."""
     adapter = tiny_model(family, seed=0)
     samples = [make_sample(i, size) for i, size in enumerate(IMAGE_SIZES[family])]
     reference = adapter.generate(samples, PROMPTS, max_new_tokens=NEW_TOKENS, capture="reference", batch_size=3)
     return adapter, samples, reference
+
+
+@pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_vl"])
+def family_run(request):
+    """One tiny model per family, with its reference (eager) generation of the 3-sample batch."""
+    return _reference_run(request.param)
+
+
+@pytest.fixture(scope="module")
+def llava_run():
+    """The LLaVA run alone, for what depends on the probe or the cache, not on the model family."""
+    return _reference_run("llava")
 
 
 def _assert_same(first, second, tol: float = MAP_TOL) -> None:
@@ -81,12 +91,10 @@ def test_fused_host_backends_match_reference(family_run, backend):
         _assert_same(ref, fus)
 
 
-def test_a_static_cache_gives_the_reference_maps(family_run, monkeypatch):
+def test_a_static_cache_gives_the_reference_maps(llava_run, monkeypatch):
     """transformers' StaticCache hands the kernel its whole buffer, and an unpadded prefill gets no mask
     (SDPA's top-left causal alignment): the maps must still be the published ones, padded or not."""
-    adapter, samples, reference = family_run
-    if adapter.family != "llava":
-        pytest.skip("one family is enough: the cache and the mask are the text model's")
+    adapter, samples, reference = llava_run
     plain_kwargs = adapter._generation_kwargs
     monkeypatch.setattr(adapter, "_generation_kwargs", lambda *args: dict(
         plain_kwargs(*args), cache_implementation="static", disable_compile=True))
@@ -100,11 +108,9 @@ def test_a_static_cache_gives_the_reference_maps(family_run, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "auto"])
-def test_a_window_of_steps_gives_the_bits_of_one_call_per_step(family_run, monkeypatch, backend):
+def test_a_window_of_steps_gives_the_bits_of_one_call_per_step(llava_run, monkeypatch, backend):
     """The deferred capture computes several steps per call (one query row each): same bits as per step."""
-    adapter, samples, reference = family_run
-    if adapter.family != "llava":
-        pytest.skip("one family is enough: the window is the probe's, not the model's")
+    adapter, samples, reference = llava_run
     runs = {}
     for limit in (1, 2, probe.MAX_WINDOW_STEPS):
         monkeypatch.setattr(probe, "MAX_WINDOW_STEPS", limit)
