@@ -207,6 +207,7 @@ class RunSizes:
     test_filter: Optional[str]        # tests: pytest -k expression (None: all kernel tests)
     probe_oom: bool                   # capture: look for the reference's out-of-memory batch
     e2e_share_prefix: bool = False    # e2e: pixfound and plain runs prefill system prompt + image once per image
+    e2e_sam_dtype: str = "float32"    # e2e: SAM precision of the pixfound runs (the published recipe: float32)
 
 
 def settings_for(device: str, small: bool) -> RunSizes:
@@ -893,17 +894,19 @@ def section_e2e(ctx: BenchContext, budget: Budget) -> dict:
     common = dict(
         size="tiny" if ctx.small else "llava-1.5-7b", max_new_tokens=settings.e2e_new_tokens,
         protocols=settings.e2e_protocols,
-        selects=("oracle",), image_hw=settings.e2e_image_hw, sam=settings.e2e_sam, sam_dtype="float32",
+        selects=("oracle",), image_hw=settings.e2e_image_hw, sam=settings.e2e_sam, sam_dtype=settings.e2e_sam_dtype,
         sam_batch_size=settings.e2e_sam_batch, device=ctx.device, dtype=str(ctx.dtype).replace("torch.", ""),
         threads=torch.get_num_threads(), share_image_prefix=settings.e2e_share_prefix,
     )
     batched = pipeline_bench.BenchSettings(samples=settings.e2e_images, batch_size=settings.e2e_batch, **common)
     # The published recipe is batch 1 throughout: fewer images give its images/s at a fraction of the time.
-    one_by_one = pipeline_bench.BenchSettings(samples=settings.published_images, batch_size=1, **common)
+    one_by_one = pipeline_bench.BenchSettings(samples=settings.published_images, batch_size=1,
+                                              **{**common, "sam_dtype": "float32"})
     log(f"e2e: {settings.e2e_images} synthetic images {settings.e2e_image_hw[1]}x{settings.e2e_image_hw[0]} at batch "
         f"{settings.e2e_batch} (published recipe: {settings.published_images} images, batch 1), protocols "
         f"{', '.join(map(str, settings.e2e_protocols))}, "
-        f"{settings.e2e_new_tokens} new tokens, SAM {settings.e2e_sam} float32 encoder batch {settings.e2e_sam_batch}, "
+        f"{settings.e2e_new_tokens} new tokens, SAM {settings.e2e_sam} {settings.e2e_sam_dtype} encoder batch "
+        f"{settings.e2e_sam_batch}, "
         "oracle selection" + (", shared image prefix" if settings.e2e_share_prefix else ""))
 
     rows, problems = [], []
@@ -1092,6 +1095,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--new-tokens", type=int, default=None, help="new tokens per capture run (default 64)")
     parser.add_argument("--share-image-prefix", action="store_true",
                         help="e2e: pixfound and plain runs use --share-image-prefix (the published recipe never does)")
+    parser.add_argument("--e2e-sam-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="e2e: SAM precision of the pixfound runs (the published recipe stays float32; "
+                             "pipeline_bench.py --sam-precision measures the mIoU effect)")
     parser.add_argument("--json-out", type=pathlib.Path, default=None,
                         help="results JSON (default $OUT/gpu_bench.json when OUT is set)")
     parser.add_argument("--markdown-out", type=pathlib.Path, default=None,
@@ -1139,6 +1145,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         settings = dataclasses.replace(settings, new_tokens=args.new_tokens)
     if args.share_image_prefix:
         settings = dataclasses.replace(settings, e2e_share_prefix=True)
+    settings = dataclasses.replace(settings, e2e_sam_dtype=args.e2e_sam_dtype)
     sections = [s for s in args.sections if not (s == "tests" and args.skip_tests)]
     out_dir = pathlib.Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     json_out = args.json_out or (out_dir / "gpu_bench.json" if out_dir else None)

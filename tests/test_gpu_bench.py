@@ -41,7 +41,8 @@ def small_run(tmp_path_factory) -> tuple[dict, str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("OUT", None)
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--device", "cpu", "--small", "--share-image-prefix", "--json-out",
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--small", "--share-image-prefix", "--e2e-sam-dtype",
+         "bfloat16", "--json-out",
          str(json_path), "--markdown-out", str(markdown_path)],
         cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
     )
@@ -120,6 +121,9 @@ def test_small_run_e2e_section(small_run):
     assert set(rows) == set(gpu_bench.E2E_PIPELINES)
     settings = results["settings"]
     assert settings["e2e_share_prefix"] is True  # the pixfound and plain runs reuse each image's prefix
+    assert settings["e2e_sam_dtype"] == "bfloat16"  # the pixfound runs' SAM; the published recipe stays float32
+    assert rows["fused"]["settings"]["sam_dtype"] == "bfloat16"
+    assert rows["published"]["settings"]["sam_dtype"] == "float32"
     for name, row in rows.items():
         assert row["status"] == "ok", row
         assert row["images_per_s"] > 0 and row["wall_s"] > 0
