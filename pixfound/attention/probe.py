@@ -18,10 +18,11 @@ Two capture modes compute the same numbers:
   attention matrix of the run, so its memory grows with batch x heads x sequence².
 * **fused** (:class:`ImageAttentionCapture`): a custom attention function registered with
   transformers' ``AttentionInterface`` under ``"pixfound_fused"`` returns SDPA's output
-  unchanged and, in the same call, computes only the needed query row's image attention with
-  :func:`pixfound._kernels.image_attention.image_attention` (Triton, or its torch reference),
-  adding the head mean into an fp32 ``[B, N]`` buffer per step. Nothing of size heads x seq² is
-  kept, and no layer synchronises the GPU with the host.
+  unchanged and keeps only the query row whose map is needed. The image attention of those rows
+  (:mod:`pixfound._kernels.image_attention`: Triton on the GPU, the C++ core on the CPU, the
+  torch reference) is computed for a window of steps and all layers in one call, the head mean
+  summed into fp32 ``[B, steps, N]``; with the torch backend, per layer as it runs. Nothing of
+  size heads x seq² is kept, and no layer synchronises the GPU with the host.
 
 :func:`token_maps` turns either mode's ``[B, steps, N]`` result into per-sample ``[T, h, w]``
 maps (shared post-processing).
