@@ -18,8 +18,9 @@ Two implementations of the same math sit in this module:
 
 * ``_image_attention_kernel`` (Triton): one program per (kv head, sample, query row), and per
   layer when several layers share one launch (:func:`image_attention_layers_triton_into`, the
-  probe's GPU path: one launch per generation step). It holds the rows of every query head that
-  shares the kv head and reads the valid keys once, in ``BLOCK_N`` tiles, with an online max and
+  probe's GPU path: one launch per window of generation steps, one query row per step). It holds
+  the rows of every query head that shares the kv head and reads that row's valid keys once
+  (each row of a window reads them again), in ``BLOCK_N`` tiles, with an online max and
   sum (the exact softmax denominator, fp32 accumulation; with a gap it runs over the two pieces
   of the row on either side of the gap and never loads a gap key). The image keys' scores are put
   aside in a scratch buffer ``[layers, B, Hq, R, N]`` on the way; at the end the program turns
@@ -30,7 +31,8 @@ Two implementations of the same math sit in this module:
   Tests and benchmarks compare the kernel against it, and ``backend="torch"`` runs it.
 
 ``backend="cpp"`` runs the same math in the C++ core (``pixfound._C.image_attention``, float32 on
-the CPU).
+the CPU). It scores all rows and grouped heads of a sample in one pass over each kv head's keys,
+so a window of decode steps reads every key once.
 """
 from __future__ import annotations
 
@@ -565,8 +567,9 @@ def image_attention_layers_triton_into(
     """Add, for several layers, the Triton kernel's :func:`image_attention` result into ``out``; return ``out``.
 
     The attention probe's GPU hot path, the counterpart of :func:`image_attention_layers_cpp_into`:
-    the probe collects a generation step's layers (query ``[B, Hq, R, D]``, key ``[B, Hkv, L, D]``
-    and scale per layer) and makes one call per step. When the layers share shapes, strides, dtype
+    the probe collects a window of generation steps (query rows ``[B, Hq, R, D]``, one per step, the
+    newest keys ``[B, Hkv, L, D]`` and scale per layer) and makes one call per window. When the
+    layers share shapes, strides, dtype
     and scale (every decoder of one model does) they run as **one** kernel launch, the layer being
     a grid axis; otherwise one launch per layer. ``out`` is float32 ``[B, R, N]`` on the device of
     the queries; the indices are int64 tensors there, not validated (the kernel clamps every read
@@ -666,8 +669,9 @@ def image_attention_layers_cpp_into(
     """:func:`image_attention_cpp_into` for several layers in one C++ call, added into ``out`` in layer order.
 
     One query ``[B, Hq, R, D]``, key ``[B, Hkv, L, D]`` and scale per layer, the same indices for
-    all. The probe collects a generation step's layers and makes one call per step: the result has
-    the bits of one call per layer, without the Python around each.
+    all. The probe collects a window of generation steps (one query row each) and makes one call
+    per window: the result has the bits of one call per layer and per step, without the Python
+    around each.
     """
     from pixfound import _C
 
