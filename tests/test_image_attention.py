@@ -887,9 +887,10 @@ def test_triton_layers_call_equals_the_sum_of_one_call_per_layer(
     from pixfound._kernels.image_attention import image_attention_layers_triton_into
 
     launches: list[int] = []
-    launch = module._launch_kernel
-    monkeypatch.setattr(module, "_launch_kernel",
-                        lambda *args, **kwargs: launches.append(kwargs.get("layers", 1)) or launch(*args, **kwargs))
+    for name in ("_launch_kernel", "_launch_rows_kernel"):  # one query row, or several (a window of steps)
+        launch = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, _launch=launch, **kwargs:
+                            launches.append(kwargs.get("layers", 1)) or _launch(*args, **kwargs))
 
     layers = _layer_stack(case, 3, dtype=torch.float32, seed=7 * case.num_keys, strided=strided)
     if kinds is not None:
@@ -925,6 +926,103 @@ def test_triton_layers_call_low_precision_gqa(dtype: torch.dtype) -> None:
     expected = sum(run_reference(layer, compute_dtype=torch.float64) for layer in layers)
     # Each layer's row sums to at most 1: an absolute bound of bf16/fp16 score rounding per layer.
     assert float((out.double().cpu() - expected.cpu()).abs().max()) < 4 * (2e-2 if dtype == torch.bfloat16 else 3e-3)
+
+
+# The row-block kernel: what the probe's windows of decode steps (several query rows sharing their keys) run.
+ROWS_CASES = [
+    (Case(batch=2, heads_q=4, heads_kv=2, rows=5, num_keys=70, head_dim=16, image_at="middle"), ("inside", "before")),
+    (Case(batch=3, heads_q=7, heads_kv=1, rows=17, num_keys=130, head_dim=32, image_at="straddle"),
+     ("overlap", "empty", "at_key_end")),  # a group of 7 heads, padded to 8
+    (Case(batch=1, heads_q=8, heads_kv=8, rows=33, num_keys=257, head_dim=24, image_at="end"), ("after",)),
+    (Case(batch=2, heads_q=6, heads_kv=3, rows=2, num_keys=9, head_dim=8, image_at="start"), ("whole_row", "empty")),
+]
+ROWS_IDS = [case_id(case) for case, _ in ROWS_CASES]
+
+
+def _rows_kernel_inputs(case: Case, kinds, *, gap: bool, dtype: torch.dtype, seed: int) -> Inputs:
+    inputs = make_inputs(case, dtype=dtype, seed=seed)
+    if case.rows > 3:  # a row whose keys end at its first valid key: it gives zeros
+        key_end = inputs.key_end.clone()
+        key_end[0, 1] = inputs.key_start[0]
+        inputs = replace(inputs, key_end=key_end)
+    return with_gaps(inputs, kinds, seed=seed + 1) if gap else inputs
+
+
+@requires_triton
+@pytest.mark.parametrize("gap", [False, True], ids=["no-gap", "gap"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case, kinds", ROWS_CASES, ids=ROWS_IDS)
+def test_row_block_kernel_matches_reference(case: Case, kinds, dtype: torch.dtype, gap: bool) -> None:
+    from pixfound._kernels.image_attention import _Inputs, _launch_rows_kernel
+
+    inputs = _rows_kernel_inputs(case, kinds, gap=gap, dtype=dtype, seed=3 * case.rows + case.num_keys)
+    width = int(inputs.image_len.max())
+    checked = _Inputs(inputs.image_start, inputs.image_len, inputs.key_start, inputs.key_end, width,
+                      inputs.gap_start, inputs.gap_end)
+    got = _launch_rows_kernel(inputs.q, inputs.k, checked, inputs.scale).double()
+    exact = run_reference(inputs, compute_dtype=torch.float64).double()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, exact, atol=1e-6, rtol=0)
+    else:
+        baseline_error = (run_reference(inputs, compute_dtype=dtype).double() - exact).abs().max().item()
+        assert (got - exact).abs().max().item() <= 2 * baseline_error + 1e-6
+    assert torch.isfinite(got).all()
+
+
+@requires_triton
+def test_row_block_kernel_failure_falls_back_to_one_launch_per_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the row-block kernel cannot run (it has not run natively on every GPU), the rows are computed
+    one by one with the per-row kernel: a warning, the same result, and no second try."""
+    from pixfound._kernels import image_attention as module
+    from pixfound._kernels.image_attention import image_attention_layers_triton_into
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no such kernel on this card")
+
+    monkeypatch.setattr(module, "_launch_rows_kernel", broken)
+    monkeypatch.setattr(module, "_ROWS_KERNEL_FAILED", [])
+    case, kinds = ROWS_CASES[0]
+    layers = _layer_stack(case, 2, dtype=torch.float32, seed=5, strided=False)
+    index = {name: value for name, value in layers[0].kwargs().items() if name != "scale"}
+    width = int(layers[0].image_len.max())
+
+    def run() -> torch.Tensor:
+        return image_attention_layers_triton_into(torch.zeros(case.batch, case.rows, width, device=DEVICE),
+                                                  [l.q for l in layers], [l.k for l in layers],
+                                                  [layers[0].scale] * 2, **index)
+
+    with pytest.warns(RuntimeWarning, match="row-block image_attention kernel failed"):
+        first = run()
+    second = run()
+    assert calls == [1] and module._ROWS_KERNEL_FAILED
+    expected = sum(run_reference(layer, compute_dtype=torch.float64) for layer in layers)
+    torch.testing.assert_close(first.double().cpu(), expected.cpu(), atol=2e-6, rtol=0)
+    assert torch.equal(first, second)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="native kernel test needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_native_cuda_row_block_kernel_at_model_sizes(dtype: torch.dtype) -> None:
+    """A window of 32 decode steps at LLaVA-1.5-7B's shapes and Qwen2-VL-like GQA (28/4 heads), natively."""
+    from pixfound._kernels import image_attention as module
+
+    for case in (
+        Case(batch=4, heads_q=32, heads_kv=32, rows=32, num_keys=700, head_dim=128, image_at="middle"),
+        Case(batch=2, heads_q=28, heads_kv=4, rows=9, num_keys=1025, head_dim=128, image_at="straddle"),
+    ):
+        inputs = make_inputs(case, dtype=dtype, seed=47)
+        width = int(inputs.image_len.max())
+        checked = module._Inputs(inputs.image_start, inputs.image_len, inputs.key_start, inputs.key_end, width)
+        got = module._launch_rows_kernel(inputs.q, inputs.k, checked, inputs.scale).double()
+        exact = run_reference(inputs, compute_dtype=torch.float64).double()
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, exact, atol=1e-6, rtol=0)
+        else:
+            baseline_error = (run_reference(inputs, compute_dtype=dtype).double() - exact).abs().max().item()
+            assert (got - exact).abs().max().item() <= 2 * baseline_error + 1e-6
 
 
 @requires_triton

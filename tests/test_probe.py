@@ -109,7 +109,8 @@ def test_a_static_cache_gives_the_reference_maps(llava_run, monkeypatch):
 
 @pytest.mark.parametrize("backend", ["cpp", "auto"])
 def test_a_window_of_steps_gives_the_bits_of_one_call_per_step(llava_run, monkeypatch, backend):
-    """The deferred capture computes several steps per call (one query row each): same bits as per step."""
+    """The deferred capture computes several steps per call (one query row each): the per-step result
+    (bits on the C++ path)."""
     adapter, samples, reference = llava_run
     runs = {}
     for limit in (1, 2, probe.MAX_WINDOW_STEPS):
@@ -117,7 +118,11 @@ def test_a_window_of_steps_gives_the_bits_of_one_call_per_step(llava_run, monkey
         runs[limit] = adapter.generate(samples, PROMPTS, max_new_tokens=NEW_TOKENS, capture="fused", batch_size=3,
                                        backend=backend)
     for one, two, many, ref in zip(runs[1], runs[2], runs[probe.MAX_WINDOW_STEPS], reference):
-        assert torch.equal(one.maps, two.maps) and torch.equal(one.maps, many.maps)
+        if backend == "cpp":  # one C++ routine for any number of rows
+            assert torch.equal(one.maps, two.maps) and torch.equal(one.maps, many.maps)
+        else:  # Triton: windows run the row-block kernel, single steps the per-row one
+            torch.testing.assert_close(one.maps, two.maps, atol=1e-6, rtol=0)
+            torch.testing.assert_close(one.maps, many.maps, atol=1e-6, rtol=0)
         _assert_same(ref, many)
 
 

@@ -18,15 +18,22 @@ Two implementations of the same math sit in this module:
 
 * ``_image_attention_kernel`` (Triton): one program per (kv head, sample, query row), and per
   layer when several layers share one launch (:func:`image_attention_layers_triton_into`, the
-  probe's GPU path: one launch per window of generation steps, one query row per step). It holds
-  the rows of every query head that shares the kv head and reads that row's valid keys once
-  (each row of a window reads them again), in ``BLOCK_N`` tiles, with an online max and
+  probe's GPU path for a single step). It holds
+  the rows of every query head that shares the kv head and reads that row's valid keys once,
+  in ``BLOCK_N`` tiles, with an online max and
   sum (the exact softmax denominator, fp32 accumulation; with a gap it runs over the two pieces
   of the row on either side of the gap and never loads a gap key). The image keys' scores are put
   aside in a scratch buffer ``[layers, B, Hq, R, N]`` on the way; at the end the program turns
   them into ``exp(s - max) / sum``, summed over its heads, in an fp32 partial buffer
   ``[layers, B, Hkv, R, N]``. The wrapper sums that over layers and kv heads and divides by
   ``Hq``. Nothing of size heads x keys is kept.
+* ``_image_attention_rows_kernel`` (Triton): the probe's window of decode steps (several query
+  rows sharing their keys). One program per (sample, block of rows, layer) goes through the kv
+  heads in turn and reads each key tile once for all its rows and grouped heads: a first pass
+  for each (row, head)'s max and denominator, a second over the image keys only for the
+  probabilities, summed over heads in registers. Its only scratch is those statistics and the
+  per-layer sums ``[layers, B, R, N]``. Should it fail to compile or launch, the rows are
+  computed one by one with the first kernel (with a warning).
 * :func:`image_attention_reference` (plain torch): upcast, full masked softmax, gather, head mean.
   Tests and benchmarks compare the kernel against it, and ``backend="torch"`` runs it.
 
@@ -36,9 +43,12 @@ so a window of decode steps reads every key once.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -465,6 +475,144 @@ if triton_available():
             p = tl.exp2(s - m_safe[:, None]) * inv_l[:, None]
             tl.store(out_row + offs, tl.sum(p, axis=0), mask=in_image)
 
+
+    @triton.jit
+    def _image_attention_rows_kernel(
+        q_ptr,
+        k_ptr,
+        q_units_ptr,
+        k_units_ptr,
+        image_start_ptr,
+        image_len_ptr,
+        key_start_ptr,
+        key_end_ptr,
+        gap_start_ptr,
+        gap_end_ptr,
+        stats_ptr,
+        partial_ptr,
+        stride_qb,
+        stride_qh,
+        stride_qr,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kl,
+        stride_kd,
+        stride_end_b,
+        stride_end_r,
+        batch,
+        heads_kv,
+        rows,
+        row_blocks,
+        num_keys,
+        head_dim,
+        num_image_keys,
+        scale_log2,
+        GROUP: tl.constexpr,
+        GROUP_P: tl.constexpr,
+        ROWS_P: tl.constexpr,
+        PAIRS: tl.constexpr,  # ROWS_P * GROUP_P
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        DOT_IN_FP32: tl.constexpr,
+        HAS_GAP: tl.constexpr,
+        LAYERED: tl.constexpr,
+        OFFSET_UNIT: tl.constexpr,
+    ):
+        """One program per (sample, block of ROWS_P query rows, layer), every kv head in turn.
+
+        The rows of a window of decode steps share their keys, so a program reads each key tile
+        for all its rows and grouped heads at once (M = ROWS_P x GROUP_P pairs): pass 1 gives
+        each pair's softmax max and denominator over its valid keys, pass 2 re-reads only the
+        image keys and sums the probabilities over the heads into registers. No scratch of
+        size heads x rows x image keys; one store per output entry.
+        """
+        sample = tl.program_id(0).to(tl.int64)
+        row_block = tl.program_id(1).to(tl.int64)
+        layer = tl.program_id(2).to(tl.int64)
+        if LAYERED:  # as in _image_attention_kernel: whole 16-byte units past the lowest q and k
+            q_ptr += tl.load(q_units_ptr + layer).to(tl.uint64) * OFFSET_UNIT
+            k_ptr += tl.load(k_units_ptr + layer).to(tl.uint64) * OFFSET_UNIT
+        offs_m = tl.arange(0, PAIRS)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < head_dim
+        pair_row = row_block * ROWS_P + offs_m // GROUP_P
+        pair_head = offs_m % GROUP_P
+        pair_ok = (pair_row < rows) & (pair_head < GROUP)
+        # Clamp the ranges to [0, L] so that unvalidated indices can never read out of bounds.
+        key_lo = tl.maximum(tl.load(key_start_ptr + sample), 0).to(tl.int32)
+        key_hi = tl.load(key_end_ptr + sample * stride_end_b + pair_row * stride_end_r, mask=pair_ok, other=0)
+        key_hi = tl.where(pair_ok, tl.minimum(key_hi, num_keys), 0).to(tl.int32)  # [PAIRS]
+        reach = tl.max(key_hi, axis=0)
+        image_lo = tl.load(image_start_ptr + sample).to(tl.int32)
+        image_n = tl.minimum(tl.load(image_len_ptr + sample), num_image_keys).to(tl.int32)
+        gap_lo = num_keys
+        gap_hi = num_keys
+        if HAS_GAP:  # the valid keys of a pair: [key_lo, key_hi) minus [gap_lo, gap_hi)
+            gap_lo = tl.minimum(tl.maximum(tl.load(gap_start_ptr + sample), 0), num_keys).to(tl.int32)
+            gap_hi = tl.minimum(tl.maximum(tl.load(gap_end_ptr + sample), 0), num_keys).to(tl.int32)
+            gap_hi = tl.maximum(gap_hi, gap_lo)  # gap_end < gap_start: empty
+        stats = stats_ptr + (((layer * batch + sample) * row_blocks + row_block) * heads_kv) * 2 * PAIRS
+
+        # Pass 1, per kv head: online max and sum of exp (log2 units) over each pair's valid keys.
+        for kv_head in range(0, heads_kv):
+            q_rows = (q_ptr + sample * stride_qb + pair_row[:, None] * stride_qr
+                      + (kv_head * GROUP + pair_head)[:, None] * stride_qh)
+            q_tile = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=pair_ok[:, None] & d_ok[None, :], other=0.0)
+            if DOT_IN_FP32:
+                q_tile = q_tile.to(tl.float32)
+            k_base = k_ptr + sample * stride_kb + kv_head * stride_kh + offs_d[:, None] * stride_kd
+            m_i = tl.full([PAIRS], float("-inf"), tl.float32)
+            l_i = tl.zeros([PAIRS], tl.float32)
+            for start in range(key_lo, reach, BLOCK_N):
+                keys = start + offs_n
+                any_ok = (keys < reach) & ((keys < gap_lo) | (keys >= gap_hi))
+                k_tile = tl.load(k_base + keys[None, :] * stride_kl, mask=d_ok[:, None] & any_ok[None, :], other=0.0)
+                if DOT_IN_FP32:
+                    s = tl.dot(q_tile, k_tile.to(tl.float32), input_precision="ieee")
+                else:
+                    s = tl.dot(q_tile, k_tile)
+                ok = any_ok[None, :] & (keys[None, :] < key_hi[:, None])
+                s = tl.where(ok, s * scale_log2, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no (-inf) - (-inf)
+                l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+                m_i = m_new
+            has_keys = l_i > 0.0
+            inv_l = tl.where(has_keys & pair_ok, 1.0 / tl.where(has_keys, l_i, 1.0), 0.0)  # none: 0, not NaN
+            tl.store(stats + kv_head * 2 * PAIRS + offs_m, tl.where(m_i == float("-inf"), 0.0, m_i))
+            tl.store(stats + kv_head * 2 * PAIRS + PAIRS + offs_m, inv_l)
+        tl.debug_barrier()  # the stats were written by other threads of this program
+
+        # Pass 2, per block of image keys: probabilities summed over the kv heads and their groups.
+        out_rows = row_block * ROWS_P + tl.arange(0, ROWS_P)
+        out_base = partial_ptr + ((layer * batch + sample) * rows + out_rows)[:, None] * num_image_keys
+        for start in range(0, image_n, BLOCK_N):
+            offs = start + offs_n
+            keys = image_lo + offs
+            any_ok = (offs < image_n) & (keys >= key_lo) & (keys < reach) & ((keys < gap_lo) | (keys >= gap_hi))
+            ok = any_ok[None, :] & (keys[None, :] < key_hi[:, None])
+            acc = tl.zeros([ROWS_P, BLOCK_N], tl.float32)
+            for kv_head in range(0, heads_kv):
+                q_rows = (q_ptr + sample * stride_qb + pair_row[:, None] * stride_qr
+                          + (kv_head * GROUP + pair_head)[:, None] * stride_qh)
+                q_tile = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=pair_ok[:, None] & d_ok[None, :],
+                                 other=0.0)
+                if DOT_IN_FP32:
+                    q_tile = q_tile.to(tl.float32)
+                k_base = k_ptr + sample * stride_kb + kv_head * stride_kh + offs_d[:, None] * stride_kd
+                k_tile = tl.load(k_base + keys[None, :] * stride_kl, mask=d_ok[:, None] & any_ok[None, :], other=0.0)
+                if DOT_IN_FP32:
+                    s = tl.dot(q_tile, k_tile.to(tl.float32), input_precision="ieee")
+                else:
+                    s = tl.dot(q_tile, k_tile)
+                m_safe = tl.load(stats + kv_head * 2 * PAIRS + offs_m)
+                inv_l = tl.load(stats + kv_head * 2 * PAIRS + PAIRS + offs_m)
+                p = tl.where(ok, tl.exp2(s * scale_log2 - m_safe[:, None]) * inv_l[:, None], 0.0)
+                acc += tl.sum(tl.reshape(p, (ROWS_P, GROUP_P, BLOCK_N)), axis=1)
+            tl.store(out_base + offs[None, :], acc, mask=(out_rows < rows)[:, None] & (offs < image_n)[None, :])
+
     _DECORATED_FOR_INTERPRETER = interpreting()
 
 
@@ -551,6 +699,81 @@ def _launch_kernel(
     return partial.sum(dim=(0, 2)).div_(heads_q)
 
 
+def _launch_rows_kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    checked: _Inputs,
+    scale: float,
+    *,
+    layers: int = 1,
+    q_units: torch.Tensor | None = None,
+    k_units: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`_launch_kernel` for many query rows sharing their keys (a window of decode steps).
+
+    ``_image_attention_rows_kernel`` reads each key tile once for a block of rows and needs no
+    scratch beyond ``[layers, B, R, N]`` fp32 and the per-pair softmax statistics.
+    """
+    batch, heads_q, rows, head_dim = q.shape
+    heads_kv = k.shape[1]
+    width = checked.num_image_keys
+    if q.device.type == "cpu" and not _DECORATED_FOR_INTERPRETER:
+        raise RuntimeError(
+            "the image_attention kernel was compiled for the GPU: set TRITON_INTERPRET=1 before importing "
+            "pixfound to run it on CPU tensors, or use backend='torch'"
+        )
+    if batch == 0 or width == 0 or rows == 0:
+        return torch.zeros(batch, rows, width, dtype=torch.float32, device=q.device)
+    group = heads_q // heads_kv
+    group_p = _next_power_of_2(group)
+    # At least _MIN_DOT pairs per program (tl.dot's smallest M), at most 64.
+    rows_p = max(min(_next_power_of_2(rows), max(1, 64 // group_p)), max(1, _MIN_DOT // group_p))
+    row_blocks = -(-rows // rows_p)
+    partial = torch.zeros(layers, batch, rows, width, dtype=torch.float32, device=q.device)
+    stats = torch.empty(layers * batch * row_blocks * heads_kv * 2 * rows_p * group_p, dtype=torch.float32,
+                        device=q.device)
+    dot_in_fp32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type == "cpu")
+    has_gap = checked.gap_start is not None and checked.gap_end is not None
+    layered = q_units is not None and k_units is not None
+    _image_attention_rows_kernel[(batch, row_blocks, layers)](
+        q,
+        k,
+        q_units if layered else checked.key_start,
+        k_units if layered else checked.key_start,
+        checked.image_start,
+        checked.image_len,
+        checked.key_start,
+        checked.key_end,
+        checked.gap_start if has_gap else checked.key_start,
+        checked.gap_end if has_gap else checked.key_start,
+        stats,
+        partial,
+        *q.stride(),
+        *k.stride(),
+        *checked.key_end.stride(),
+        batch,
+        heads_kv,
+        rows,
+        row_blocks,
+        k.shape[2],
+        head_dim,
+        width,
+        float(scale) * _LOG2E,
+        GROUP=group,
+        GROUP_P=group_p,
+        ROWS_P=rows_p,
+        PAIRS=rows_p * group_p,
+        BLOCK_N=_BLOCK_N,
+        BLOCK_D=max(_MIN_DOT, _next_power_of_2(head_dim)),
+        DOT_IN_FP32=dot_in_fp32,
+        HAS_GAP=has_gap,
+        LAYERED=layered,
+        OFFSET_UNIT=_ALIGN_BYTES // q.element_size(),
+        num_warps=4,
+    )
+    return partial.sum(dim=0).div_(heads_q)
+
+
 def image_attention_layers_triton_into(
     out: torch.Tensor,
     queries: list[torch.Tensor],
@@ -593,17 +816,44 @@ def image_attention_layers_triton_into(
     q_base = min(queries, key=lambda t: t.data_ptr())
     k_base = min(keys, key=lambda t: t.data_ptr())
     units = [t.data_ptr() - base.data_ptr() for base, group in ((q_base, queries), (k_base, keys)) for t in group]
+    launch = _launch_rows_kernel if rows > 1 and _rows_kernel_usable() else _launch_kernel
     if not uniform or len(queries) == 1 or any(delta % _ALIGN_BYTES for delta in units):
         for q, k, scale in zip(queries, keys, scales):
-            out += _launch_kernel(q, k, checked, float(scale))
+            out += _guarded(launch, q, k, checked, float(scale))
         return out
     table = torch.tensor([delta // _ALIGN_BYTES for delta in units], dtype=torch.int64)
     if q0.device.type == "cuda":  # pinned, so the copy does not wait for the stream
         table = table.pin_memory().to(q0.device, non_blocking=True)
     layers = len(queries)
-    out += _launch_kernel(q_base, k_base, checked, float(scales[0]), layers=layers, q_units=table[:layers],
-                          k_units=table[layers:])
+    out += _guarded(launch, q_base, k_base, checked, float(scales[0]), layers=layers, q_units=table[:layers],
+                    k_units=table[layers:])
     return out
+
+
+_ROWS_KERNEL_FAILED: list[str] = []  # why the row-block kernel is off in this process, if it failed
+
+
+def _rows_kernel_usable() -> bool:
+    return not _ROWS_KERNEL_FAILED
+
+
+def _guarded(launch: Any, q: torch.Tensor, k: torch.Tensor, checked: _Inputs, scale: float, **layered: Any) -> torch.Tensor:
+    """``launch(...)``; if the row-block kernel fails (it has not yet run natively on every GPU), warn once
+    and compute the rows one at a time with the per-row kernel instead, from then on in this process."""
+    if launch is not _launch_rows_kernel:
+        return launch(q, k, checked, scale, **layered)
+    try:
+        return launch(q, k, checked, scale, **layered)
+    except Exception as error:  # a compile or launch failure of this kernel only; the fallback is exact
+        _ROWS_KERNEL_FAILED.append(f"{type(error).__name__}: {error}")
+        warnings.warn(f"the row-block image_attention kernel failed ({_ROWS_KERNEL_FAILED[-1][:300]}); "
+                      "falling back to one launch per query row", RuntimeWarning, stacklevel=3)
+    rows = q.shape[2]
+    parts = []
+    for row in range(rows):
+        one = dataclasses.replace(checked, key_end=checked.key_end[:, row : row + 1])
+        parts.append(_launch_kernel(q[:, :, row : row + 1], k, one, scale, **layered))
+    return torch.cat(parts, dim=1)
 
 
 def _host_float32(q: torch.Tensor) -> bool:

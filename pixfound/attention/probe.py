@@ -58,8 +58,8 @@ __all__ = [
 FUSED_ATTENTION = "pixfound_fused"
 _FIRST_TOKEN_ROWS = ("second_to_last", "last")
 # The deferred capture computes a window of generation steps in one call (each step is one query
-# row of it). Bounds: steps per window, and on the GPU the Triton launch's scratch memory
-# (layers x batch x (Hq + Hkv) x image keys floats per step).
+# row of it). Bounds: steps per window, and on the GPU the Triton launch's scratch memory (the
+# row-block kernel's per-layer sums: layers x batch x image keys floats per step).
 MAX_WINDOW_STEPS = 32
 TRITON_WINDOW_BYTES = 256 * 2**20
 
@@ -451,7 +451,7 @@ class ImageAttentionCapture:
             self._host_path = chosen == "cpp"
             self._deferred = chosen in ("cpp", "triton")
             if chosen == "triton":
-                per_step = self.num_layers * self.batch_size * (query.shape[1] + key.shape[1]) * self.num_image_keys * 4
+                per_step = self.num_layers * self.batch_size * self.num_image_keys * 4
                 self._window_limit = max(1, min(MAX_WINDOW_STEPS, TRITON_WINDOW_BYTES // max(1, per_step)))
         row, key_start, key_end, gap_start, gap_end = self._rows_and_ranges(query, key, attention_mask)
         if self._deferred:
