@@ -252,3 +252,7 @@ def test_profile_capture_script_runs_small_on_cpu():
     assert out.count("x1.000 plain") >= 2
     gaps = [float(line.rsplit(" ", 1)[-1].rstrip(")")) for line in out.splitlines() if "max |layered - per layer|" in line]
     assert len(gaps) == 2 and max(gaps) <= 1e-6  # the layered launch sums the same layers
+    window = [float(line.rsplit(" ", 1)[-1].rstrip(")")) for line in out.splitlines()
+              if "max |window - per step|" in line]
+    assert len(window) == 2 and max(window) <= 1e-6  # the row-block window gives the per-step maps
+    assert "row-block window" in out and "one launch per step" in out

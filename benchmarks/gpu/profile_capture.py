@@ -5,7 +5,8 @@ Builds the benchmark LLaVA-1.5-7B architecture (random fp16, benchmarks/gpu_benc
 1. the image-attention kernel alone at decode shapes (one query row, LLaVA's 32 heads x 128,
    650 keys): GPU time per call (CUDA events around many calls) and host time per launch, next to
    SDPA on the same shapes; then one decode step's capture over 32 layers as the probe runs it
-   (one layered launch) against one launch per layer;
+   (one layered launch) against one launch per layer, and a window of 32 decode steps (the
+   row-block kernel, one launch) against one launch per step;
 2. ``generate`` time per step for plain SDPA, fused capture, and fused capture with parts of the
    probe switched off (monkeypatched here, not in the library): no in-layer timer, and the capture's
    per-layer work reduced to bookkeeping (what the hooks and the attention wrapper cost alone);
@@ -129,6 +130,48 @@ def layered_micro(device: str, batches: tuple[int, ...], layers: int, heads: int
             rows.append(dict(batch=batch, variant=name, host_ms=host_ms, stream_ms=stream_ms, max_diff=gap))
             log(f"  B={batch:<3} {layers} layers, {name:<22} host {host_ms:7.3f} ms/step   with the GPU "
                 f"{stream_ms:7.3f} ms/step   (max |layered - per layer| {gap:.1e})")
+    return rows
+
+
+def window_micro(device: str, batches: tuple[int, ...], layers: int, heads: int, head_dim: int, keys: int,
+                 image: int, steps: int, calls: int) -> list[dict]:
+    """A window of ``steps`` decode steps over ``layers`` layers: the row-block kernel (one launch, the
+    probe's window) against one layered launch per step (what a window of one step runs)."""
+    import torch
+
+    from pixfound._kernels.image_attention import image_attention_layers_triton_into
+
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    rows = []
+    for batch in batches:
+        gen = torch.Generator().manual_seed(batch + 1)
+        qs = [torch.randn(batch, heads, steps, head_dim, generator=gen).to(device, dtype) for _ in range(layers)]
+        ks = [torch.randn(batch, heads, keys, head_dim, generator=gen).to(device, dtype) for _ in range(layers)]
+        spans = decode_spans(batch, keys, image, device)
+        # Step s sees the keys up to keys - steps + 1 + s, as in generation.
+        spans["key_end"] = (torch.arange(steps, device=device) + keys - steps + 1).expand(batch, -1).contiguous()
+        scale = head_dim ** -0.5
+
+        def window() -> Any:
+            out = torch.zeros(batch, steps, image, device=device)
+            return image_attention_layers_triton_into(out, qs, ks, [scale] * layers, **spans)
+
+        def step_by_step() -> Any:
+            out = torch.zeros(batch, steps, image, device=device)
+            for step in range(steps):
+                one = dict(spans, key_end=spans["key_end"][:, step : step + 1])
+                out[:, step : step + 1] = image_attention_layers_triton_into(
+                    torch.zeros(batch, 1, image, device=device), [q[:, :, step : step + 1] for q in qs], ks,
+                    [scale] * layers, **one)
+            return out
+
+        gap = float((window() - step_by_step()).abs().max())
+        for name, fn in (("row-block window", window), ("one launch per step", step_by_step)):
+            host_ms, stream_ms = time_calls(fn, device, calls, warmup=2)
+            rows.append(dict(batch=batch, variant=name, host_ms=host_ms / steps, stream_ms=stream_ms / steps,
+                             max_diff=gap))
+            log(f"  B={batch:<3} {layers} layers x {steps} steps, {name:<20} host {host_ms / steps:7.3f} ms/step   "
+                f"with the GPU {stream_ms / steps:7.3f} ms/step   (max |window - per step| {gap:.1e})")
     return rows
 
 
@@ -261,6 +304,11 @@ def main(argv: list[str] | None = None) -> None:
         layered_micro(device, (2,), layers=3, heads=2, head_dim=16, keys=40, image=16, calls=2)
     else:
         layered_micro(device, (1, 32), layers=32, heads=32, head_dim=128, keys=650, image=576, calls=50)
+    log("== a window of decode steps: row-block kernel vs one launch per step")
+    if small:
+        window_micro(device, (2,), layers=2, heads=2, head_dim=16, keys=40, image=16, steps=3, calls=1)
+    else:
+        window_micro(device, (1, 32), layers=32, heads=32, head_dim=128, keys=650, image=576, steps=32, calls=5)
     started = time.perf_counter()
     adapter = gpu_bench.build_llava_adapter(spec, device, dtype)
     log(f"== built {spec.name} in {time.perf_counter() - started:.1f} s")
