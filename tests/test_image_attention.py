@@ -994,6 +994,14 @@ def test_row_block_kernel_failure_falls_back_to_one_launch_per_row(monkeypatch: 
                                                   [l.q for l in layers], [l.k for l in layers],
                                                   [layers[0].scale] * 2, **index)
 
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(module, "_launch_rows_kernel", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):  # not a kernel failure: no fallback, and it stays on
+        run()
+    assert not module._ROWS_KERNEL_FAILED
+    monkeypatch.setattr(module, "_launch_rows_kernel", broken)
     with pytest.warns(RuntimeWarning, match="row-block image_attention kernel failed"):
         first = run()
     second = run()

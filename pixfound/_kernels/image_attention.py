@@ -844,6 +844,8 @@ def _guarded(launch: Any, q: torch.Tensor, k: torch.Tensor, checked: _Inputs, sc
         return launch(q, k, checked, scale, **layered)
     try:
         return launch(q, k, checked, scale, **layered)
+    except torch.OutOfMemoryError:
+        raise  # not the kernel's fault: the caller sees it as from any other op
     except Exception as error:  # a compile or launch failure of this kernel only; the fallback is exact
         _ROWS_KERNEL_FAILED.append(f"{type(error).__name__}: {error}")
         warnings.warn(f"the row-block image_attention kernel failed ({_ROWS_KERNEL_FAILED[-1][:300]}); "
