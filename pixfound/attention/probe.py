@@ -517,16 +517,16 @@ class ImageAttentionCapture:
     def _flush_window(self, count: int) -> None:
         """Compute the oldest ``count`` deferred steps, all layers in one call, into :attr:`_steps`."""
         steps, self._window = self._window[:count], self._window[count:]
-        if not steps:
-            return
-        layer_counts = {len(step.queries) for step in steps}
-        if len(layer_counts) > 1:
+        if len({len(step.queries) for step in steps}) > 1:
             # Steps that ran different numbers of layers (an error _finish reports) cannot share a call.
             for step in steps:
-                self._window = [step] + self._window
-                self._flush_window(1)
-            return
-        layers = layer_counts.pop()
+                self._compute_steps([step])
+        elif steps:
+            self._compute_steps(steps)
+
+    def _compute_steps(self, steps: list[_PendingStep]) -> None:
+        """One C++ call or Triton launch for ``steps`` (one query row each, every layer they ran)."""
+        layers = len(steps[0].queries)
         device = steps[0].queries[0].device
         began = self._timer.start(device)
         key_start, gap_start, gap_end = self._window_ranges
