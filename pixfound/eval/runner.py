@@ -76,7 +76,7 @@ ANSWER_PROTOCOLS = (1, 2)
 KERNEL_BACKENDS = ("auto", "triton", "cpp", "torch")
 
 IDENTITY_EXEMPT = frozenset(
-    # kv_cache only changes where the keys are stored: the records are the same bits either way.
+    # kv_cache only changes where the keys are stored: the same answers, maps equal up to float rounding.
     {"output", "resume", "batch_size", "sam_batch_size", "limit", "shard", "progress", "judge_base_url", "kv_cache"}
 )
 

@@ -7,6 +7,8 @@ copies of a layer. :class:`PreallocatedLayer` writes the new entries into a buff
 prompt plus the new tokens, and hands out views of its filled part. The values are the same as
 the concatenated ones, bit for bit; only their storage differs (the views are strided over
 the buffer's spare room, which SDPA, the capture kernels and the torch reference all accept).
+Because earlier keys stay in place, the capture can also compute windows of steps at once
+(:mod:`pixfound.attention.probe`).
 
 Built with :func:`preallocated_cache`; ``generate(kv_cache="dynamic")`` keeps transformers' own.
 """
