@@ -351,12 +351,17 @@ def test_native_cuda_kernel_at_model_sizes(dtype: torch.dtype) -> None:
     ):
         inputs = make_inputs(case, dtype=dtype, seed=43)
         got = run_kernel(inputs, validate=False, num_image_keys=int(inputs.image_len.max()))
-        exact = run_reference(inputs, compute_dtype=torch.float64).double()
-        if dtype == torch.float32:
-            torch.testing.assert_close(got.double(), exact, atol=1e-6, rtol=0)
-        else:
-            baseline_error = (run_reference(inputs, compute_dtype=dtype).double() - exact).abs().max().item()
-            assert (got.double() - exact).abs().max().item() <= 2 * baseline_error + 1e-6
+        assert_within_bound_of_reference(got, inputs, dtype)
+
+
+def assert_within_bound_of_reference(got: torch.Tensor, inputs: Inputs, dtype: torch.dtype) -> None:
+    """fp32: within 1e-6 of the fp64 reference; fp16/bf16: at most twice the same-precision reference's error."""
+    exact = run_reference(inputs, compute_dtype=torch.float64).double()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), exact, atol=1e-6, rtol=0)
+    else:
+        baseline_error = (run_reference(inputs, compute_dtype=dtype).double() - exact).abs().max().item()
+        assert (got.double() - exact).abs().max().item() <= 2 * baseline_error + 1e-6
 
 
 # ----------------------------------------------------------------------------------------------
@@ -959,13 +964,8 @@ def test_row_block_kernel_matches_reference(case: Case, kinds, dtype: torch.dtyp
     width = int(inputs.image_len.max())
     checked = _Inputs(inputs.image_start, inputs.image_len, inputs.key_start, inputs.key_end, width,
                       inputs.gap_start, inputs.gap_end)
-    got = _launch_rows_kernel(inputs.q, inputs.k, checked, inputs.scale).double()
-    exact = run_reference(inputs, compute_dtype=torch.float64).double()
-    if dtype == torch.float32:
-        torch.testing.assert_close(got, exact, atol=1e-6, rtol=0)
-    else:
-        baseline_error = (run_reference(inputs, compute_dtype=dtype).double() - exact).abs().max().item()
-        assert (got - exact).abs().max().item() <= 2 * baseline_error + 1e-6
+    got = _launch_rows_kernel(inputs.q, inputs.k, checked, inputs.scale)
+    assert_within_bound_of_reference(got, inputs, dtype)
     assert torch.isfinite(got).all()
 
 
@@ -1024,13 +1024,8 @@ def test_native_cuda_row_block_kernel_at_model_sizes(dtype: torch.dtype) -> None
         inputs = make_inputs(case, dtype=dtype, seed=47)
         width = int(inputs.image_len.max())
         checked = module._Inputs(inputs.image_start, inputs.image_len, inputs.key_start, inputs.key_end, width)
-        got = module._launch_rows_kernel(inputs.q, inputs.k, checked, inputs.scale).double()
-        exact = run_reference(inputs, compute_dtype=torch.float64).double()
-        if dtype == torch.float32:
-            torch.testing.assert_close(got, exact, atol=1e-6, rtol=0)
-        else:
-            baseline_error = (run_reference(inputs, compute_dtype=dtype).double() - exact).abs().max().item()
-            assert (got - exact).abs().max().item() <= 2 * baseline_error + 1e-6
+        got = module._launch_rows_kernel(inputs.q, inputs.k, checked, inputs.scale)
+        assert_within_bound_of_reference(got, inputs, dtype)
 
 
 @requires_triton

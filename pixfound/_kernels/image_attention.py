@@ -624,6 +624,26 @@ def _image_attention_triton(q: torch.Tensor, k: torch.Tensor, checked: _Inputs, 
     return _launch_kernel(q, k, checked, scale)
 
 
+def _launch_options(q: torch.Tensor, checked: _Inputs) -> tuple[bool, bool, torch.Tensor, torch.Tensor]:
+    """What both kernels' launches share: (dot in fp32, has a gap, gap_start, gap_end pointers).
+
+    Raises if the kernels were compiled for the GPU and ``q`` is a CPU tensor.
+    """
+    if q.device.type == "cpu" and not _DECORATED_FOR_INTERPRETER:
+        raise RuntimeError(
+            "the image_attention kernel was compiled for the GPU: set TRITON_INTERPRET=1 before importing "
+            "pixfound to run it on CPU tensors, or use backend='torch'"
+        )
+    # fp32 inputs use IEEE fp32 (no TF32). The interpreter's dot multiplies bfloat16 as raw integers,
+    # so there bf16 gets fp32 operands; products of fp16/bf16 are exact in fp32, so nothing changes.
+    dot_in_fp32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type == "cpu")
+    has_gap = checked.gap_start is not None and checked.gap_end is not None
+    # Pointers the compiled variant never reads (no gap) get any int64 tensor.
+    gap_start = checked.gap_start if has_gap else checked.key_start
+    gap_end = checked.gap_end if has_gap else checked.key_start
+    return dot_in_fp32, has_gap, gap_start, gap_end
+
+
 def _launch_kernel(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -643,11 +663,7 @@ def _launch_kernel(
     batch, heads_q, rows, head_dim = q.shape
     heads_kv, num_keys = k.shape[1], k.shape[2]
     width = checked.num_image_keys
-    if q.device.type == "cpu" and not _DECORATED_FOR_INTERPRETER:
-        raise RuntimeError(
-            "the image_attention kernel was compiled for the GPU: set TRITON_INTERPRET=1 before importing "
-            "pixfound to run it on CPU tensors, or use backend='torch'"
-        )
+    dot_in_fp32, has_gap, gap_start, gap_end = _launch_options(q, checked)
     if batch == 0 or width == 0 or rows == 0:
         return torch.zeros(batch, rows, width, dtype=torch.float32, device=q.device)
     group = heads_q // heads_kv
@@ -655,13 +671,7 @@ def _launch_kernel(
     partial = torch.zeros(layers, batch, heads_kv, rows, width, dtype=torch.float32, device=q.device)
     # The image keys' scores per query head, written and read back by the same program.
     scores = torch.empty(layers * batch * heads_q * rows * width, dtype=torch.float32, device=q.device)
-    # fp32 inputs use IEEE fp32 (no TF32). The interpreter's dot multiplies bfloat16 as raw integers,
-    # so there bf16 gets fp32 operands; products of fp16/bf16 are exact in fp32, so nothing changes.
-    dot_in_fp32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type == "cpu")
-    has_gap = checked.gap_start is not None and checked.gap_end is not None
-    # Pointers the compiled variant never reads (no gap, one layer) get any int64 tensor.
-    gap_start = checked.gap_start if has_gap else checked.key_start
-    gap_end = checked.gap_end if has_gap else checked.key_start
+    # Pointers the compiled variant never reads (one layer) get any int64 tensor.
     layered = q_units is not None and k_units is not None
     _image_attention_kernel[(heads_kv, batch, layers * rows)](
         q,
@@ -717,11 +727,7 @@ def _launch_rows_kernel(
     batch, heads_q, rows, head_dim = q.shape
     heads_kv = k.shape[1]
     width = checked.num_image_keys
-    if q.device.type == "cpu" and not _DECORATED_FOR_INTERPRETER:
-        raise RuntimeError(
-            "the image_attention kernel was compiled for the GPU: set TRITON_INTERPRET=1 before importing "
-            "pixfound to run it on CPU tensors, or use backend='torch'"
-        )
+    dot_in_fp32, has_gap, gap_start, gap_end = _launch_options(q, checked)
     if batch == 0 or width == 0 or rows == 0:
         return torch.zeros(batch, rows, width, dtype=torch.float32, device=q.device)
     group = heads_q // heads_kv
@@ -732,8 +738,6 @@ def _launch_rows_kernel(
     partial = torch.zeros(layers, batch, rows, width, dtype=torch.float32, device=q.device)
     stats = torch.empty(layers * batch * row_blocks * heads_kv * 2 * rows_p * group_p, dtype=torch.float32,
                         device=q.device)
-    dot_in_fp32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type == "cpu")
-    has_gap = checked.gap_start is not None and checked.gap_end is not None
     layered = q_units is not None and k_units is not None
     _image_attention_rows_kernel[(batch, row_blocks, layers)](
         q,
@@ -744,8 +748,8 @@ def _launch_rows_kernel(
         checked.image_len,
         checked.key_start,
         checked.key_end,
-        checked.gap_start if has_gap else checked.key_start,
-        checked.gap_end if has_gap else checked.key_start,
+        gap_start,
+        gap_end,
         stats,
         partial,
         *q.stride(),
