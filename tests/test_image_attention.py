@@ -342,15 +342,25 @@ def test_too_small_width_and_unknown_backend_raise_value_error() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="native kernel test needs CUDA")
+@pytest.mark.parametrize("kernel", ["per_row", "row_block"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_native_cuda_kernel_at_model_sizes(dtype: torch.dtype) -> None:
-    """LLaVA-like sizes (576 image keys, head dim 128) and Qwen2-VL-like GQA (28/4 heads)."""
+def test_native_cuda_kernels_at_model_sizes(dtype: torch.dtype, kernel: str) -> None:
+    """LLaVA-like sizes (576 image keys, head dim 128) and Qwen2-VL-like GQA (28/4 heads), natively; the
+    row-block kernel with a window of 32 (and 9) decode steps."""
+    from pixfound._kernels import image_attention as module
+
+    windows = (32, 9) if kernel == "row_block" else (2, 1)
     for case in (
-        Case(batch=4, heads_q=32, heads_kv=32, rows=2, num_keys=700, head_dim=128, image_at="middle"),
-        Case(batch=3, heads_q=28, heads_kv=4, rows=1, num_keys=2049, head_dim=128, image_at="straddle"),
+        Case(batch=4, heads_q=32, heads_kv=32, rows=windows[0], num_keys=700, head_dim=128, image_at="middle"),
+        Case(batch=3, heads_q=28, heads_kv=4, rows=windows[1], num_keys=2049, head_dim=128, image_at="straddle"),
     ):
         inputs = make_inputs(case, dtype=dtype, seed=43)
-        got = run_kernel(inputs, validate=False, num_image_keys=int(inputs.image_len.max()))
+        width = int(inputs.image_len.max())
+        if kernel == "row_block":
+            checked = module._Inputs(inputs.image_start, inputs.image_len, inputs.key_start, inputs.key_end, width)
+            got = module._launch_rows_kernel(inputs.q, inputs.k, checked, inputs.scale)
+        else:
+            got = run_kernel(inputs, validate=False, num_image_keys=width)
         assert_within_bound_of_reference(got, inputs, dtype)
 
 
@@ -1009,23 +1019,6 @@ def test_row_block_kernel_failure_falls_back_to_one_launch_per_row(monkeypatch: 
     expected = sum(run_reference(layer, compute_dtype=torch.float64) for layer in layers)
     torch.testing.assert_close(first.double().cpu(), expected.cpu(), atol=2e-6, rtol=0)
     assert torch.equal(first, second)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="native kernel test needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_native_cuda_row_block_kernel_at_model_sizes(dtype: torch.dtype) -> None:
-    """A window of 32 decode steps at LLaVA-1.5-7B's shapes and Qwen2-VL-like GQA (28/4 heads), natively."""
-    from pixfound._kernels import image_attention as module
-
-    for case in (
-        Case(batch=4, heads_q=32, heads_kv=32, rows=32, num_keys=700, head_dim=128, image_at="middle"),
-        Case(batch=2, heads_q=28, heads_kv=4, rows=9, num_keys=1025, head_dim=128, image_at="straddle"),
-    ):
-        inputs = make_inputs(case, dtype=dtype, seed=47)
-        width = int(inputs.image_len.max())
-        checked = module._Inputs(inputs.image_start, inputs.image_len, inputs.key_start, inputs.key_end, width)
-        got = module._launch_rows_kernel(inputs.q, inputs.k, checked, inputs.scale)
-        assert_within_bound_of_reference(got, inputs, dtype)
 
 
 @requires_triton
