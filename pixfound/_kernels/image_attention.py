@@ -67,8 +67,28 @@ __all__ = [
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 
-# Keys per tile. 64 keeps a bf16 [64, 128] key tile and a [16, 64] score tile in registers.
-_BLOCK_N = 64
+
+@dataclass(frozen=True)
+class _Tiles:
+    """Launch shape of both kernels for one input dtype."""
+
+    block_n: int  # keys per tile
+    num_warps: int
+    max_pairs: int  # row-block kernel: at most this many (query row, head) pairs per program
+
+
+# 16-bit inputs: tensor-core dots; a [64, 128] key tile and a [16..64, 64] score tile stay in registers.
+# fp32 inputs: FMA dots, whose operands all sit in registers: smaller tiles on 8 warps. With the 16-bit
+# shape ptxas spilled up to 5 KB per thread at head_dim 128 on sm_90; with these no variant spills
+# (``python -m pixfound._kernels.compile_check``, kept by tests/test_kernel_compile.py).
+_TILES_16BIT = _Tiles(block_n=64, num_warps=4, max_pairs=64)
+_TILES_FP32 = _Tiles(block_n=32, num_warps=8, max_pairs=16)
+
+
+def _tiles(q: torch.Tensor) -> _Tiles:
+    return _TILES_FP32 if q.dtype == torch.float32 else _TILES_16BIT
+
+
 # A layered launch addresses each layer's tensors in units of this many bytes (see the kernel).
 _ALIGN_BYTES = 16
 # tl.dot on NVIDIA GPUs needs at least 16 rows and 16 reduction columns.
@@ -667,6 +687,7 @@ def _launch_kernel(
     if batch == 0 or width == 0 or rows == 0:
         return torch.zeros(batch, rows, width, dtype=torch.float32, device=q.device)
     group = heads_q // heads_kv
+    tiles = _tiles(q)
     # Entries past a sample's own image_len are never written: zeros, not garbage.
     partial = torch.zeros(layers, batch, heads_kv, rows, width, dtype=torch.float32, device=q.device)
     # The image keys' scores per query head, written and read back by the same program.
@@ -698,13 +719,13 @@ def _launch_kernel(
         float(scale) * _LOG2E,
         GROUP=group,
         BLOCK_M=max(_MIN_DOT, _next_power_of_2(group)),
-        BLOCK_N=_BLOCK_N,
+        BLOCK_N=tiles.block_n,
         BLOCK_D=max(_MIN_DOT, _next_power_of_2(head_dim)),
         DOT_IN_FP32=dot_in_fp32,
         HAS_GAP=has_gap,
         LAYERED=layered,
         OFFSET_UNIT=_ALIGN_BYTES // q.element_size(),
-        num_warps=4,
+        num_warps=tiles.num_warps,
     )
     return partial.sum(dim=(0, 2)).div_(heads_q)
 
@@ -732,8 +753,9 @@ def _launch_rows_kernel(
         return torch.zeros(batch, rows, width, dtype=torch.float32, device=q.device)
     group = heads_q // heads_kv
     group_p = _next_power_of_2(group)
-    # At least _MIN_DOT pairs per program (tl.dot's smallest M), at most 64.
-    rows_p = max(min(_next_power_of_2(rows), max(1, 64 // group_p)), max(1, _MIN_DOT // group_p))
+    tiles = _tiles(q)
+    # At least _MIN_DOT pairs per program (tl.dot's smallest M), at most tiles.max_pairs.
+    rows_p = max(min(_next_power_of_2(rows), max(1, tiles.max_pairs // group_p)), max(1, _MIN_DOT // group_p))
     row_blocks = -(-rows // rows_p)
     partial = torch.zeros(layers, batch, rows, width, dtype=torch.float32, device=q.device)
     stats = torch.empty(layers * batch * row_blocks * heads_kv * 2 * rows_p * group_p, dtype=torch.float32,
@@ -767,13 +789,13 @@ def _launch_rows_kernel(
         GROUP_P=group_p,
         ROWS_P=rows_p,
         PAIRS=rows_p * group_p,
-        BLOCK_N=_BLOCK_N,
+        BLOCK_N=tiles.block_n,
         BLOCK_D=max(_MIN_DOT, _next_power_of_2(head_dim)),
         DOT_IN_FP32=dot_in_fp32,
         HAS_GAP=has_gap,
         LAYERED=layered,
         OFFSET_UNIT=_ALIGN_BYTES // q.element_size(),
-        num_warps=4,
+        num_warps=tiles.num_warps,
     )
     return partial.sum(dim=0).div_(heads_q)
 
