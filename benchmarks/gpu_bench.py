@@ -208,6 +208,7 @@ class RunSizes:
     probe_oom: bool                   # capture: look for the reference's out-of-memory batch
     e2e_share_prefix: bool = False    # e2e: pixfound and plain runs prefill system prompt + image once per image
     e2e_sam_dtype: str = "float32"    # e2e: SAM precision of the pixfound runs (the published recipe: float32)
+    e2e_overlap: bool = False         # e2e: pixfound grounds each batch in a second thread beside the next generate
 
 
 def settings_for(device: str, small: bool) -> RunSizes:
@@ -896,7 +897,7 @@ def section_e2e(ctx: BenchContext, budget: Budget) -> dict:
         protocols=settings.e2e_protocols,
         selects=("oracle",), image_hw=settings.e2e_image_hw, sam=settings.e2e_sam, sam_dtype=settings.e2e_sam_dtype,
         sam_batch_size=settings.e2e_sam_batch, device=ctx.device, dtype=str(ctx.dtype).replace("torch.", ""),
-        threads=torch.get_num_threads(), share_image_prefix=settings.e2e_share_prefix,
+        threads=torch.get_num_threads(), share_image_prefix=settings.e2e_share_prefix, overlap=settings.e2e_overlap,
     )
     batched = pipeline_bench.BenchSettings(samples=settings.e2e_images, batch_size=settings.e2e_batch, **common)
     # The published recipe is batch 1 throughout: fewer images give its images/s at a fraction of the time.
@@ -907,7 +908,8 @@ def section_e2e(ctx: BenchContext, budget: Budget) -> dict:
         f"{', '.join(map(str, settings.e2e_protocols))}, "
         f"{settings.e2e_new_tokens} new tokens, SAM {settings.e2e_sam} {settings.e2e_sam_dtype} encoder batch "
         f"{settings.e2e_sam_batch}, "
-        "oracle selection" + (", shared image prefix" if settings.e2e_share_prefix else ""))
+        "oracle selection" + (", shared image prefix" if settings.e2e_share_prefix else "")
+        + (", grounding overlapped with generation" if settings.e2e_overlap else ""))
 
     rows, problems = [], []
     for name in E2E_PIPELINES:
@@ -1098,6 +1100,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--e2e-sam-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="e2e: SAM precision of the pixfound runs (the published recipe stays float32; "
                              "pipeline_bench.py --sam-precision measures the mIoU effect)")
+    parser.add_argument("--e2e-overlap", action="store_true",
+                        help="e2e: pixfound runs ground each batch in a second thread while the next one generates")
     parser.add_argument("--json-out", type=pathlib.Path, default=None,
                         help="results JSON (default $OUT/gpu_bench.json when OUT is set)")
     parser.add_argument("--markdown-out", type=pathlib.Path, default=None,
@@ -1145,7 +1149,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         settings = dataclasses.replace(settings, new_tokens=args.new_tokens)
     if args.share_image_prefix:
         settings = dataclasses.replace(settings, e2e_share_prefix=True)
-    settings = dataclasses.replace(settings, e2e_sam_dtype=args.e2e_sam_dtype)
+    settings = dataclasses.replace(settings, e2e_sam_dtype=args.e2e_sam_dtype, e2e_overlap=args.e2e_overlap)
     sections = [s for s in args.sections if not (s == "tests" and args.skip_tests)]
     out_dir = pathlib.Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     json_out = args.json_out or (out_dir / "gpu_bench.json" if out_dir else None)

@@ -122,6 +122,7 @@ class BenchSettings:
     phrase_vectors: str = "auto"
     share_image_prefix: bool = False      # pixfound and plain: prefix (system prompt + image) once per image
     kv_cache: str = "preallocated"        # pixfound and plain (the published recipe: transformers' dynamic cache)
+    overlap: bool = False                 # pixfound: ground each batch in a second thread beside the next generate
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "protocols", tuple(int(p) for p in self.protocols))
@@ -408,7 +409,8 @@ def run_pixfound(samples: Sequence[Any], adapter: Any, segmenter: Any, mode: str
                  selects: Sequence[str] = ("oracle", "similarity"), max_new_tokens: int = 32,
                  kernel_backend: Optional[str] = None, sam_dtype: str = "float32",
                  sam_batch_size: Optional[int] = None, output_dir: Optional[str | os.PathLike] = None,
-                 share_image_prefix: bool = False, kv_cache: str = "preallocated") -> RunResult:
+                 share_image_prefix: bool = False, kv_cache: str = "preallocated",
+                 overlap: bool = False) -> RunResult:
     """pixfound's :class:`GroundingPipeline` with ``--fused`` or ``--reference`` capture, records written as JSONL.
 
     ``vectors`` is the raw phrase-vector backend; the run wraps it in a fresh per-text cache, so
@@ -430,6 +432,7 @@ def run_pixfound(samples: Sequence[Any], adapter: Any, segmenter: Any, mode: str
         dtype=str(adapter.dtype).replace("torch.", ""),
         kernel_backend=kernel_backend or ("auto" if device.startswith("cuda") else "torch"),
         progress=False, sam_dtype=sam_dtype, share_image_prefix=share_image_prefix, kv_cache=kv_cache,
+        overlap=overlap,
     )
     cached = CachedPhraseVectors(vectors) if vectors is not None else None
     pipeline = GroundingPipeline(adapter, segmenter, nlp, config=config, vectors=cached)
@@ -448,7 +451,7 @@ def run_pixfound(samples: Sequence[Any], adapter: Any, segmenter: Any, mode: str
         started = time.perf_counter()
         with RecordWriter(path) as writer:
             compute_records(list(samples), config.protocols, set(), pipeline, writer, batch_size=batch_size,
-                            progress=False)
+                            progress=False, overlap=overlap)
             write_s = writer.write_seconds
         _sync(adapter.device)
         wall = time.perf_counter() - started
@@ -528,7 +531,8 @@ def run_pipeline(name: str, settings: BenchSettings, components: Components, sam
                             vectors=components.vectors, protocols=settings.protocols, selects=settings.selects,
                             max_new_tokens=tokens, kernel_backend=settings.kernel_backend,
                             sam_dtype=settings.sam_dtype, sam_batch_size=settings.sam_batch_size,
-                            share_image_prefix=settings.share_image_prefix, kv_cache=settings.kv_cache)
+                            share_image_prefix=settings.share_image_prefix, kv_cache=settings.kv_cache,
+                            overlap=settings.overlap)
     if name == "plain":
         return run_plain_generation(samples, components.adapter, batch_size=batch, protocols=settings.protocols,
                                     max_new_tokens=tokens, share_image_prefix=settings.share_image_prefix,
@@ -1071,6 +1075,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="pixfound and plain runs: prefill system prompt + image once per image (all protocols)")
     parser.add_argument("--kv-cache", choices=("preallocated", "dynamic"), default="preallocated",
                         help="pixfound and plain runs' key/value cache (the published recipe keeps transformers' dynamic one)")
+    parser.add_argument("--overlap", action="store_true",
+                        help="pixfound runs: ground each batch in a second thread while the next one generates")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-batch-cap", type=int, default=None, help="also search the largest batch up to this")
     parser.add_argument("--in-process", action="store_true", help="no subprocesses (memory peaks then mix)")
@@ -1092,7 +1098,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         size=args.size, samples=args.samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         protocols=tuple(int(p) for p in args.protocols.split(",")), image_hw=args.image_hw, sam=args.sam,
         sam_dtype=args.sam_dtype, device=args.device, dtype=args.dtype, threads=args.threads,
-        share_image_prefix=args.share_image_prefix, kv_cache=args.kv_cache,
+        share_image_prefix=args.share_image_prefix, kv_cache=args.kv_cache, overlap=args.overlap,
     )
     pipelines = [p.strip() for p in args.pipelines.split(",") if p.strip()]
     print(f"settings: {settings.to_dict()}", flush=True)

@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="key/value cache while generating: preallocated (default; written into buffers reserved "
                          "for prompt + new tokens, no per-step copy of the whole cache) or dynamic (transformers' "
                          "concatenating cache); the answers and maps are the same bits")
+    ev.add_argument("--overlap", action="store_true",
+                    help="ground each batch (SAM, phrases, points, selection, writing) in a second thread while the "
+                         "next batch generates; the same records (off by default; ignored with a judge)")
     ev.add_argument("--batch-size", type=_positive_int, default=4, help="samples per generate call (default 4)")
     ev.add_argument("--sam-batch-size", type=_positive_int, default=None,
                     help="images per SAM encoder call (default: --batch-size)")
@@ -300,7 +303,7 @@ def _eval_config(args: argparse.Namespace) -> Any:
         temperature=args.temperature, first_token_row=args.first_token_row, point_rank=args.point_rank,
         num_points=args.num_points, kernel_backend=args.kernel_backend,
         share_image_prefix=args.share_image_prefix, cudnn_attention=args.cudnn_attention,
-        kv_cache=args.kv_cache, vqa_template=args.vqa_template,
+        kv_cache=args.kv_cache, overlap=args.overlap, vqa_template=args.vqa_template,
         grounding_template=grounding_template, device=args.device, dtype=args.dtype,
         save_candidates=args.save_candidates, output=output, resume=args.resume,
         shard=parse_shard(args.shard) if args.shard else None, progress=not args.quiet,

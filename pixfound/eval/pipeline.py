@@ -25,6 +25,7 @@ expression text of the batch goes to the phrase-vector model in one call, memois
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
@@ -139,6 +140,7 @@ class GroundingPipeline:
         self._embeddings: dict[str, Any] = {}
         self._prefixes: dict[str, Any] = {}  # sample id -> ImagePrefix (config.share_image_prefix)
         self._gt_masks: dict[str, Optional[np.ndarray]] = {}
+        self._phrase_tokenizer = adapter.tokenizer  # the grounding stage's (see use_private_tokenizer)
 
     # -- description ----------------------------------------------------------------------------
     def components(self) -> dict:
@@ -169,6 +171,13 @@ class GroundingPipeline:
         self._embeddings.clear()
         self._prefixes.clear()
         self._gt_masks.clear()
+
+    def forget(self, sample_ids: Sequence[Any]) -> None:
+        """Forget what is kept for these samples only (a later batch may already be generating)."""
+        keys = {key for sample_id in sample_ids for key in (sample_id, str(sample_id))}  # prefixes use str ids
+        for cache in (self._images, self._embeddings, self._prefixes, self._gt_masks):
+            for key in keys:
+                cache.pop(key, None)
 
     def _image(self, sample: Any) -> tuple[Any, float]:
         if sample.id in self._images:
@@ -224,6 +233,10 @@ class GroundingPipeline:
 
     def process(self, samples: Sequence[Any], protocol: int) -> list[dict]:
         """One record per sample for ``protocol`` (see the module docstring)."""
+        return self.grounding_stage(self.generate_stage(samples, protocol))
+
+    def generate_stage(self, samples: Sequence[Any], protocol: int) -> "GeneratedBatch":
+        """The first half of :meth:`process`: load the images, build the prompts and generate (the model's work)."""
         if protocol not in (1, 2, 3):
             raise ValueError(f"protocol must be 1, 2 or 3, got {protocol!r}")
         load_times = []
@@ -238,14 +251,27 @@ class GroundingPipeline:
         for sample, generation in zip(samples, generations):
             if generation.sample_id != str(sample.id):
                 raise RuntimeError(f"generation for {generation.sample_id!r} came back for sample {sample.id!r}")
+        return GeneratedBatch(list(samples), protocol, prompts, list(generations), load_times, generate_share)
+
+    def grounding_stage(self, generated: "GeneratedBatch") -> list[dict]:
+        """The second half of :meth:`process`: score, ground (SAM) and build the records of a generated batch.
+
+        It may run in a second thread beside the next batch's :meth:`generate_stage`
+        (:attr:`overlaps_safely`): it reads the images that stage loaded, and otherwise only state
+        of its own (SAM, spaCy, phrase vectors, a private copy of the tokenizer).
+        """
+        samples, protocol = generated.samples, generated.protocol
+        grounds = protocol in (1, 3)
         encoder_share = self._embed(samples) if grounds else 0.0
-        prepared = self._prepare_grounding(samples, generations) if grounds else [None] * len(samples)
+        prepared = (self._prepare_grounding(samples, generated.generations) if grounds
+                    else [None] * len(samples))
         encoded_now = set()
         records = []
-        for sample, prompt, generation, load_s, ready in zip(samples, prompts, generations, load_times, prepared):
+        for sample, prompt, generation, load_s, ready in zip(samples, generated.prompts, generated.generations,
+                                                             generated.load_times, prepared):
             timings: dict[str, Optional[float]] = {
                 "io_s": load_s,
-                "generate_s": generate_share,
+                "generate_s": generated.generate_share,
                 "capture_s": generation.timings.get("capture_s"),
             }
             record = self._base_record(sample, protocol, prompt, generation)
@@ -266,12 +292,30 @@ class GroundingPipeline:
             records.append(record)
         return records
 
+    @property
+    def overlaps_safely(self) -> bool:
+        """Whether :meth:`grounding_stage` may run beside the next :meth:`generate_stage`.
+
+        Not with a judge: an ``hf:`` judge generates with the same model, and an API judge's
+        requests are better kept in order.
+        """
+        return self.judge is None
+
+    def use_private_tokenizer(self) -> None:
+        """Give the grounding stage its own copy of the tokenizer.
+
+        A fast tokenizer is one Rust object; encoding with padding in one thread while another
+        thread encodes can fail with "Already borrowed". Same class and settings: same spans.
+        """
+        if self._phrase_tokenizer is self.adapter.tokenizer:
+            self._phrase_tokenizer = copy.deepcopy(self.adapter.tokenizer)
+
     def _prepare_grounding(self, samples: Sequence[Any], generations: Sequence[Any]) -> list["PreparedGrounding"]:
         """Phrases and points of every answer of the batch (one spaCy pass), and their phrase vectors."""
         from pixfound.grounding.phrases import phrases_from_generations
 
         started = time.perf_counter()
-        parsed = phrases_from_generations(generations, self.adapter.tokenizer, self.nlp)
+        parsed = phrases_from_generations(generations, self._phrase_tokenizer, self.nlp)
         parse_share = (time.perf_counter() - started) / max(1, len(generations))
         prepared = [self._phrase_points(generation, phrases, maps, parse_share)
                     for generation, (phrases, maps) in zip(generations, parsed)]
@@ -378,7 +422,7 @@ class GroundingPipeline:
             from pixfound.grounding.phrases import phrases_from_generation
 
             started = time.perf_counter()
-            phrases, maps = phrases_from_generation(generation, self.adapter.tokenizer, self.nlp)
+            phrases, maps = phrases_from_generation(generation, self._phrase_tokenizer, self.nlp)
             prepared = self._phrase_points(generation, phrases, maps, time.perf_counter() - started)
         phrases, points = prepared.phrases, prepared.points
         timings["phrases_s"] = prepared.phrases_s
@@ -486,6 +530,18 @@ class GroundingPipeline:
         if len(result.candidates[0].packed) != num_phrases * per_phrase:
             return None
         return masks_to_rle(masks.reshape(num_phrases * per_phrase, height, width))
+
+
+@dataclasses.dataclass
+class GeneratedBatch:
+    """What :meth:`GroundingPipeline.generate_stage` hands to :meth:`GroundingPipeline.grounding_stage`."""
+
+    samples: list
+    protocol: int
+    prompts: list            # str per sample
+    generations: list        # the adapter's Generation per sample
+    load_times: list         # seconds spent loading each image (0 when cached)
+    generate_share: float    # seconds of the batch's generate call per sample
 
 
 @dataclasses.dataclass

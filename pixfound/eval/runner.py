@@ -77,7 +77,9 @@ KERNEL_BACKENDS = ("auto", "triton", "cpp", "torch")
 
 IDENTITY_EXEMPT = frozenset(
     # kv_cache only changes where the keys are stored: the same answers, maps equal up to float rounding.
-    {"output", "resume", "batch_size", "sam_batch_size", "limit", "shard", "progress", "judge_base_url", "kv_cache"}
+    # overlap only changes which thread runs the grounding stage: the same records.
+    {"output", "resume", "batch_size", "sam_batch_size", "limit", "shard", "progress", "judge_base_url", "kv_cache",
+     "overlap"}
 )
 
 
@@ -131,6 +133,7 @@ class EvalConfig:
     share_image_prefix: bool = False  # prefill system prompt + image once per image for all protocols
     cudnn_attention: bool = False  # on CUDA, let SDPA use cuDNN while generating (a plan per new shape)
     kv_cache: str = "preallocated"  # key/value storage while generating: preallocated or dynamic (same values)
+    overlap: bool = False  # ground one batch in a second thread while the next generates (same records)
     vqa_template: Optional[int] = None
     grounding_template: Optional[Union[int, str]] = None  # index, or a custom phrasing with one {}
     device: str = "auto"
@@ -174,6 +177,8 @@ class EvalConfig:
             raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}")
         if self.kv_cache not in KV_CACHES:
             raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {self.kv_cache!r}")
+        if not isinstance(self.overlap, bool):
+            raise ValueError(f"overlap must be true or false, got {self.overlap!r}")
         if self.do_sample and not self.temperature > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
         if self.vqa_template is not None and (isinstance(self.vqa_template, bool) or not isinstance(self.vqa_template, int)):
@@ -771,40 +776,100 @@ def compute_records(
     batch_size: int,
     progress: bool = True,
     worker: Optional["Worker"] = None,
+    overlap: bool = False,
 ) -> int:
     """Run ``pipeline`` on the (sample, protocol) keys not in ``done``; write each record at once.
 
     Returns the number of records written. Samples whose keys are all done are skipped entirely.
     Each record gets ``worker`` = {"rank", "world"}: which process computed it.
+
+    With ``overlap`` (and a pipeline that has ``generate_stage``/``grounding_stage`` and says it
+    ``overlaps_safely``), the grounding stage of one (batch, protocol) runs in a second thread while
+    the next one generates, so the host's work (phrases, points, selection, RLE, writing) hides
+    behind the model's. The records are the same; they are written by that thread, in order. If
+    anything fails or the run is interrupted, the grounding stage already running is let finish, so
+    the records it completes are kept and a resumed run computes only the rest.
     """
     worker = worker or Worker()
     pending = [s for s in samples if any(record_key(s.id, p) not in done for p in applicable_protocols(s, protocols))]
     written = 0
     bar = _progress_bar(len(pending), enabled=progress)
+
+    def keep(todo: list, protocol: int, records: list[dict]) -> None:
+        nonlocal written
+        if len(records) != len(todo):
+            raise RuntimeError(f"pipeline returned {len(records)} records for {len(todo)} samples")
+        for sample, record in zip(todo, records):
+            expected = record_key(sample.id, protocol)
+            if record.get("key") != expected:
+                raise RuntimeError(f"pipeline record key {record.get('key')!r} != expected {expected!r}")
+            record["worker"] = {"rank": worker.rank, "world": worker.world}
+            writer.write(record)
+            done.add(expected)
+            written += 1
+
+    def units(batch: list) -> list[tuple[int, list]]:
+        found = []
+        for protocol in protocols:
+            todo = [s for s in batch if protocol in applicable_protocols(s, protocols)
+                    and record_key(s.id, protocol) not in done]
+            if todo:
+                found.append((protocol, todo))
+        return found
+
+    staged = overlap and all(hasattr(pipeline, name) for name in ("generate_stage", "grounding_stage", "forget")) \
+        and bool(getattr(pipeline, "overlaps_safely", False))
     try:
-        for batch in _batches(pending, batch_size):
-            for protocol in protocols:
-                todo = [s for s in batch if protocol in applicable_protocols(s, protocols)
-                        and record_key(s.id, protocol) not in done]
-                if not todo:
-                    continue
-                records = pipeline.process(todo, protocol)
-                if len(records) != len(todo):
-                    raise RuntimeError(f"pipeline returned {len(records)} records for {len(todo)} samples")
-                for sample, record in zip(todo, records):
-                    expected = record_key(sample.id, protocol)
-                    if record.get("key") != expected:
-                        raise RuntimeError(f"pipeline record key {record.get('key')!r} != expected {expected!r}")
-                    record["worker"] = {"rank": worker.rank, "world": worker.world}
-                    writer.write(record)
-                    done.add(expected)
-                    written += 1
-            pipeline.end_batch()
-            writer.sync()
-            bar.update(len(batch))
+        if not staged:
+            for batch in _batches(pending, batch_size):
+                for protocol, todo in units(batch):
+                    keep(todo, protocol, pipeline.process(todo, protocol))
+                pipeline.end_batch()
+                writer.sync()
+                bar.update(len(batch))
+        else:
+            _overlapped(pending, batch_size, pipeline, units, keep, writer, bar)
     finally:
         bar.close()
     return written
+
+
+def _overlapped(pending: list, batch_size: int, pipeline: Any, units: Any, keep: Any, writer: RecordWriter,
+                bar: Any) -> None:
+    """:func:`compute_records` with each grounding stage in a worker thread beside the next generate stage."""
+    import concurrent.futures
+
+    if hasattr(pipeline, "use_private_tokenizer"):
+        pipeline.use_private_tokenizer()
+
+    def ground(generated: Any, todo: list, protocol: int, finished_batch: Optional[list]) -> None:
+        keep(todo, protocol, pipeline.grounding_stage(generated))
+        if finished_batch is not None:
+            pipeline.forget([s.id for s in finished_batch])
+            writer.sync()
+            bar.update(len(finished_batch))
+
+    in_flight: Optional[concurrent.futures.Future] = None
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pixfound-grounding") as executor:
+        try:
+            for batch in _batches(pending, batch_size):
+                work = units(batch)
+                if not work:
+                    bar.update(len(batch))
+                    continue
+                for position, (protocol, todo) in enumerate(work):
+                    generated = pipeline.generate_stage(todo, protocol)
+                    if in_flight is not None:
+                        in_flight.result()  # a failed grounding stage stops the run here
+                    last = position == len(work) - 1
+                    in_flight = executor.submit(ground, generated, todo, protocol, batch if last else None)
+            if in_flight is not None:
+                in_flight.result()
+        except BaseException:
+            if in_flight is not None and not in_flight.done():
+                logger.info("letting the running grounding stage finish, so that its records are kept")
+                concurrent.futures.wait([in_flight])
+            raise
 
 
 def _progress_bar(total: int, *, enabled: bool) -> Any:
@@ -943,7 +1008,7 @@ def _run(config: EvalConfig, worker: Worker, group: _ProcessGroup, pipeline_fact
     if todo_keys:
         with RecordWriter(target) as writer:
             written = compute_records(mine, config.protocols, done, pipeline, writer, batch_size=config.batch_size,
-                                      progress=config.progress, worker=worker)
+                                      progress=config.progress, worker=worker, overlap=config.overlap)
             write_seconds = writer.write_seconds
     else:
         write_seconds = 0.0
