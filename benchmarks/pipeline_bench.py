@@ -912,6 +912,28 @@ def sam_precision_effect(settings: BenchSettings, *, dtype: str = "bfloat16",
     return out
 
 
+def overlap_effect(settings: BenchSettings, *, rounds: int = 3, components: Optional[Components] = None) -> dict:
+    """The fused pipeline with and without ``--overlap``, rounds interleaved in this process (best wall kept).
+
+    Returns per setting the best wall seconds and that run's stages, and whether the records of
+    every round pair were identical.
+    """
+    components = components or build_components(settings)
+    runs: dict[bool, list] = {False: [], True: []}
+    for round_index in range(rounds):
+        for overlap in ((False, True) if round_index % 2 == 0 else (True, False)):
+            runs[overlap].append(measure_in_process(dataclasses.replace(settings, overlap=overlap), "fused",
+                                                    components=components, warmup=round_index == 0))
+    best = {overlap: min(rows, key=lambda row: row["wall_s"]) for overlap, rows in runs.items()}
+    return dict(
+        settings=settings.to_dict(), rounds=rounds,
+        sequential=dict(wall_s=best[False]["wall_s"], stages=best[False]["stages"]),
+        overlapped=dict(wall_s=best[True]["wall_s"], stages=best[True]["stages"]),
+        speedup=best[False]["wall_s"] / best[True]["wall_s"],
+        records_equal=sum(a["records"] == b["records"] for a, b in zip(runs[False], runs[True])),
+    )
+
+
 def format_sam_precision(effect: dict) -> str:
     """A Markdown table of :func:`sam_precision_effect`."""
     dtype = effect["dtype"]
@@ -1077,6 +1099,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="pixfound and plain runs' key/value cache (the published recipe keeps transformers' dynamic one)")
     parser.add_argument("--overlap", action="store_true",
                         help="pixfound runs: ground each batch in a second thread while the next one generates")
+    parser.add_argument("--overlap-ab", action="store_true",
+                        help="instead of the pipelines: fused with and without --overlap, rounds interleaved")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-batch-cap", type=int, default=None, help="also search the largest batch up to this")
     parser.add_argument("--in-process", action="store_true", help="no subprocesses (memory peaks then mix)")
@@ -1122,6 +1146,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps(stage, indent=1))
         if args.json is not None:
             args.json.write_text(json.dumps(stage, indent=1), encoding="utf-8")
+        return 0
+    if args.overlap_ab:
+        effect = overlap_effect(settings, rounds=args.rounds)
+        print(f"| sequential wall s | overlapped wall s | speed-up | records equal |\n|---|---|---|---|\n"
+              f"| {effect['sequential']['wall_s']:.2f} | {effect['overlapped']['wall_s']:.2f} | "
+              f"{effect['speedup']:.3f}x | {effect['records_equal']}/{effect['rounds']} rounds |")
+        if args.json is not None:
+            args.json.write_text(json.dumps(effect, indent=1), encoding="utf-8")
         return 0
     if args.sam_precision:
         effect = sam_precision_effect(settings, dtype=args.sam_precision)

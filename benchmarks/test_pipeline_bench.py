@@ -18,6 +18,7 @@ the table of ``pipeline_bench.format_table``.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import sys
@@ -84,6 +85,14 @@ def test_fused_answers_and_masks_equal_reference(settings, components, samples):
     same = pipeline_bench.agreement(fused.records, reference.records)
     assert same["identical"], same
     assert same["grounded"] > 0
+
+
+def test_overlap_effect_compares_the_same_records(settings, components):
+    effect = pipeline_bench.overlap_effect(dataclasses.replace(settings, batch_size=2), rounds=2,
+                                           components=components)
+    assert effect["records_equal"] == 2
+    assert effect["sequential"]["wall_s"] > 0 and effect["overlapped"]["wall_s"] > 0
+    assert effect["speedup"] == effect["sequential"]["wall_s"] / effect["overlapped"]["wall_s"]
 
 
 def test_pipeline_table(settings):

@@ -350,3 +350,39 @@ def test_flat_phrase_maps_become_exact_zeros():
     assert torch.equal(out[1], informative)
     empty = torch.zeros(0, 4, 6)
     assert zero_flat_maps(empty, token_maps).shape == (0, 4, 6)
+
+
+def _chunks(docs) -> list:
+    return [[(c.start_char, c.end_char, c.text, c.root.text) for c in doc.noun_chunks] for doc in docs]
+
+
+def _answer_like_texts(annotations_root, count: int = 150) -> list[str]:
+    """Sentences from the benchmarks' CSVs (questions, options, expressions, templates) and word soups
+    like a random-weight model's answers."""
+    import csv
+    import random
+
+    texts = []
+    for path in sorted(annotations_root.rglob("*.csv")):
+        with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+            texts += [cell for row in csv.reader(handle) for cell in row if len(cell.split()) >= 3]
+    rng = random.Random(0)
+    words = [w for t in texts for w in t.split()]
+    soups = [" ".join(rng.choice(words) for _ in range(48)) for _ in range(count)]
+    return rng.sample(texts, min(count, len(texts))) + soups
+
+
+def test_skipping_ner_and_lemmatizer_keeps_every_noun_chunk(nlp, annotations_root):
+    """The phrase stage parses without the pipes noun chunks never read; the chunks are the full pipeline's."""
+    skipped = ph._skipped_pipes(nlp)
+    assert set(skipped) <= {"ner", "lemmatizer"} and "parser" not in skipped
+    texts = _answer_like_texts(annotations_root) + [
+        "The dog on the left is sitting next to a red fire hydrant in New York City.",
+        "Yes, there are two people and a large white truck behind them.",
+    ]
+    full = _chunks(nlp.pipe(texts))
+    assert sum(map(len, full)) > len(texts)  # the texts do have chunks
+    assert _chunks(nlp.pipe(texts, disable=skipped)) == full
+    # both entry points use the lean parse and give those chunks
+    assert [[(p.char_start, p.char_end, p.text, p.root) for p in ph.extract_phrases(t, nlp)] for t in texts[:40]] \
+        == full[:40]
