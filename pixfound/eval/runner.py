@@ -850,26 +850,22 @@ def _overlapped(pending: list, batch_size: int, pipeline: Any, units: Any, keep:
             bar.update(len(finished_batch))
 
     in_flight: Optional[concurrent.futures.Future] = None
+    # Leaving this block, also by an exception or Ctrl-C, waits for the running grounding stage: its
+    # records are written, and a resumed run does not compute them again.
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pixfound-grounding") as executor:
-        try:
-            for batch in _batches(pending, batch_size):
-                work = units(batch)
-                if not work:
-                    bar.update(len(batch))
-                    continue
-                for position, (protocol, todo) in enumerate(work):
-                    generated = pipeline.generate_stage(todo, protocol)
-                    if in_flight is not None:
-                        in_flight.result()  # a failed grounding stage stops the run here
-                    last = position == len(work) - 1
-                    in_flight = executor.submit(ground, generated, todo, protocol, batch if last else None)
-            if in_flight is not None:
-                in_flight.result()
-        except BaseException:
-            if in_flight is not None and not in_flight.done():
-                logger.info("letting the running grounding stage finish, so that its records are kept")
-                concurrent.futures.wait([in_flight])
-            raise
+        for batch in _batches(pending, batch_size):
+            work = units(batch)
+            if not work:
+                bar.update(len(batch))
+                continue
+            for position, (protocol, todo) in enumerate(work):
+                generated = pipeline.generate_stage(todo, protocol)
+                if in_flight is not None:
+                    in_flight.result()  # a failed grounding stage stops the run here
+                last = position == len(work) - 1
+                in_flight = executor.submit(ground, generated, todo, protocol, batch if last else None)
+        if in_flight is not None:
+            in_flight.result()
 
 
 def _progress_bar(total: int, *, enabled: bool) -> Any:
