@@ -209,6 +209,7 @@ class RunSizes:
     e2e_share_prefix: bool = False    # e2e: pixfound and plain runs prefill system prompt + image once per image
     e2e_sam_dtype: str = "float32"    # e2e: SAM precision of the pixfound runs (the published recipe: float32)
     e2e_overlap: bool = False         # e2e: pixfound grounds each batch in a second thread beside the next generate
+    e2e_variants: bool = True         # e2e: also the fused rows of E2E_FUSED_VARIANTS (budget allowing)
 
 
 def settings_for(device: str, small: bool) -> RunSizes:
@@ -860,6 +861,13 @@ def _import_pipeline_bench() -> Optional[Any]:
 
 # Order of the e2e runs: the limit and pixfound first, so a short budget still gives the headline.
 E2E_PIPELINES = ("plain", "fused", "published", "reference")
+# Extra fused rows after those (labels and BenchSettings changes): SAM in bf16 (the encoder was 5.4 s of
+# session 3's 19.5 s end to end) and the grounding stage overlapped with the next generate.
+E2E_FUSED_VARIANTS = (
+    ("fused, SAM bf16", dict(sam_dtype="bfloat16")),
+    ("fused, overlap", dict(overlap=True)),
+    ("fused, SAM bf16, overlap", dict(sam_dtype="bfloat16", overlap=True)),
+)
 
 
 def _e2e_components(ctx: BenchContext, pipeline_bench: Any) -> Any:
@@ -912,38 +920,60 @@ def section_e2e(ctx: BenchContext, budget: Budget) -> dict:
         + (", grounding overlapped with generation" if settings.e2e_overlap else ""))
 
     rows, problems = [], []
-    for name in E2E_PIPELINES:
-        if not budget.allows(settings.e2e_min_run_s):
-            problems.append(dict(pipeline=name, status="skipped (budget)"))
-            log(f"  {name}: skipped, {budget.remaining():.0f} s left")
-            continue
-        run_settings = one_by_one if name == "published" else batched
+
+    def run(label: str, name: str, run_settings: Any, min_s: float = settings.e2e_min_run_s) -> Optional[dict]:
+        """One timed pipeline run as a row labelled ``label``; out of memory, errors and budget become problems."""
+        if not budget.allows(min_s):
+            problems.append(dict(pipeline=label, status="skipped (budget)"))
+            log(f"  {label}: skipped, {budget.remaining():.0f} s left")
+            return None
         started = time.perf_counter()
         try:
             row = pipeline_bench.measure_in_process(run_settings, name, components=components)
         except _oom_errors() as err:
             peak = torch.cuda.max_memory_allocated() if ctx.device == "cuda" else None
-            problems.append(dict(pipeline=name, status="OOM", peak_gpu_bytes=peak,
+            problems.append(dict(pipeline=label, status="OOM", peak_gpu_bytes=peak,
                                  requested_bytes=_requested_bytes(str(err)), error=str(err).splitlines()[0][:300]))
             free_memory(ctx.device)
-            log(f"  {name}: out of memory at batch {run_settings.batch_size} (peak {gib(peak)} GiB)")
-            continue
+            log(f"  {label}: out of memory at batch {run_settings.batch_size} (peak {gib(peak)} GiB)")
+            return None
         except Exception:  # one broken pipeline must not cost the others their numbers
             error = traceback.format_exc()
             log(error)
-            problems.append(dict(pipeline=name, status="error", error=error[-3000:]))
+            problems.append(dict(pipeline=label, status="error", error=error[-3000:]))
             free_memory(ctx.device)
-            continue
-        row["size"] = settings.spec.name
-        row["status"] = "ok"
+            return None
+        row.update(pipeline=label, size=settings.spec.name, status="ok")
         rows.append(row)
-        log(f"  {name}: {row['images_per_s']:.3f} images/s, wall {row['wall_s']:.1f} s "
+        log(f"  {label}: {row['images_per_s']:.3f} images/s, wall {row['wall_s']:.1f} s "
             f"({time.perf_counter() - started:.0f} s with warm-up), peak GPU {gib(row.get('peak_gpu_bytes'))} GiB")
         gc.collect()
+        return row
+
+    for name in E2E_PIPELINES:
+        run(name, name, one_by_one if name == "published" else batched)
+    # What the fused row did not use, each alone and together, if the budget allows.
+    variants = []
+    for label, change in E2E_FUSED_VARIANTS:
+        varied = dataclasses.replace(batched, **change)
+        if settings.e2e_variants and varied != batched and varied not in [v for _, v in variants]:
+            variants.append((label, varied))
+    fused_rows = [row for row in rows if row["pipeline"] == "fused"]
+    # a variant starts only if about as long as the fused run (plus its warm-up) is left
+    variant_min_s = max(settings.e2e_min_run_s, 1.5 * fused_rows[0]["wall_s"]) if fused_rows else settings.e2e_min_run_s
+    for label, varied in variants:
+        run(label, "fused", varied, variant_min_s)
     pipeline_bench.compare(rows)
     by_name = {row["pipeline"]: row for row in rows}
     table = pipeline_bench.format_table(rows) if rows else "no end-to-end run finished"
     notes = []
+    for label, _ in variants:
+        if label in by_name and "fused" in by_name:
+            same = pipeline_bench.agreement(by_name[label]["records"], by_name["fused"]["records"])
+            by_name[label]["vs_fused"] = same
+            notes.append(f"{label} vs fused: answers {same['answers_equal']}/{same['records']}, selected masks "
+                         f"{same['selected_masks_equal']}/{same['grounded']} identical (mean IoU between them "
+                         f"{same['selected_masks_mean_iou'] if same['selected_masks_mean_iou'] is None else round(same['selected_masks_mean_iou'], 4)})")
     if "fused" in by_name and "plain" in by_name:
         fused_peak, plain_peak = by_name["fused"].get("peak_gpu_bytes"), by_name["plain"].get("peak_gpu_bytes")
         if fused_peak and plain_peak:
@@ -1100,6 +1130,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--e2e-sam-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="e2e: SAM precision of the pixfound runs (the published recipe stays float32; "
                              "pipeline_bench.py --sam-precision measures the mIoU effect)")
+    parser.add_argument("--no-e2e-variants", action="store_true",
+                        help="e2e: leave out the extra fused rows (SAM bf16, overlap, both)")
     parser.add_argument("--e2e-overlap", action="store_true",
                         help="e2e: pixfound runs ground each batch in a second thread while the next one generates")
     parser.add_argument("--json-out", type=pathlib.Path, default=None,
@@ -1149,7 +1181,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         settings = dataclasses.replace(settings, new_tokens=args.new_tokens)
     if args.share_image_prefix:
         settings = dataclasses.replace(settings, e2e_share_prefix=True)
-    settings = dataclasses.replace(settings, e2e_sam_dtype=args.e2e_sam_dtype, e2e_overlap=args.e2e_overlap)
+    settings = dataclasses.replace(settings, e2e_sam_dtype=args.e2e_sam_dtype, e2e_overlap=args.e2e_overlap,
+                                   e2e_variants=not args.no_e2e_variants)
     sections = [s for s in args.sections if not (s == "tests" and args.skip_tests)]
     out_dir = pathlib.Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     json_out = args.json_out or (out_dir / "gpu_bench.json" if out_dir else None)
