@@ -148,11 +148,14 @@ def test_cli_overlap_flag():
     assert parser.parse_args(["eval"]).overlap is False
 
 
-def test_overlapped_tiny_run_equals_the_sequential_one(tmp_path, monkeypatch):
-    """Real tiny models, fp32: the overlapped run's records are the sequential run's, timings aside."""
+@pytest.mark.parametrize("share_image_prefix", [False, True])
+def test_overlapped_tiny_run_equals_the_sequential_one(tmp_path, monkeypatch, share_image_prefix):
+    """Real tiny models, fp32: the overlapped run's records are the sequential run's, timings aside
+    (also when each batch's image prefixes are shared by its protocols)."""
     _use_torch_kernels(monkeypatch)
-    sequential = run_evaluation(_tiny_config(tmp_path, "seq", batch_size=2, overlap=False))
-    overlapped = run_evaluation(_tiny_config(tmp_path, "ovl", batch_size=2, overlap=True))
+    common = dict(batch_size=2, share_image_prefix=share_image_prefix)
+    sequential = run_evaluation(_tiny_config(tmp_path, "seq", overlap=False, **common))
+    overlapped = run_evaluation(_tiny_config(tmp_path, "ovl", overlap=True, **common))
     records_seq = read_jsonl(tmp_path / "seq" / "samples.jsonl")[0]
     records_ovl = read_jsonl(tmp_path / "ovl" / "samples.jsonl")[0]
     assert [r["key"] for r in records_seq] == [r["key"] for r in records_ovl]
