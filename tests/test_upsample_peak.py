@@ -19,6 +19,7 @@ from pixfound._kernels._backend import use_triton
 from pixfound._kernels.upsample_peak import (
     MAX_TRITON_K,
     _check_args,
+    _geometry,
     _upsample_peaks_triton,
     upsample_peaks,
     upsample_peaks_reference,
@@ -404,6 +405,7 @@ BAD_CALLS = [
 ]
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN/inf maps in the interpreter
 @pytest.mark.parametrize("fn", [upsample_peaks, upsample_peaks_reference,
                                 functools.partial(upsample_peaks, backend="cpp")], ids=["auto", "reference", "cpp"])
 @pytest.mark.parametrize(("overrides", "message"), BAD_CALLS)
@@ -414,6 +416,7 @@ def test_bad_input_raises_value_error(fn, overrides, message):
         fn(maps, size, **call)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN/inf maps in the interpreter
 def test_nan_error_names_the_map():
     maps = torch.zeros(3, 24, 24)
     maps[2, 4, 4] = float("nan")
@@ -426,3 +429,29 @@ def test_upsample_reference_validates_too():
         upsample_reference(GOOD, (10, 10), aspect="stretch")
     with pytest.raises(ValueError, match="backend"):
         upsample_peaks(GOOD, (10, 10), backend="cuda")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN/inf maps in the interpreter
+@pytest.mark.parametrize("backend", ["auto", "cpp", "torch"])
+def test_nan_outside_the_cropped_window_still_raises(backend):
+    """The Triton path checks the input maps inside its merge pass; a NaN whose taps never reach the
+    cropped image (top rows, wide image in pad mode) must raise all the same, as on the other paths."""
+    maps = torch.zeros(2, 24, 24)
+    maps[1, 0, 0] = float("nan")
+    assert torch.isfinite(upsample_reference(maps[:1], (10, 40))).all()
+    with pytest.raises(ValueError, match=r"map\(s\) \[1\]"):
+        upsample_peaks(maps, (10, 40), backend=backend)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN/inf maps in the interpreter
+@needs_triton
+def test_finite_check_of_the_triton_path_flags_only_bad_maps():
+    device = DEVICE
+    good = torch.randn(3, 24, 24, device=device)
+    for bad_value, expected in ((None, 0), (float("inf"), 1), (float("-inf"), 1), (float("nan"), 1)):
+        maps = good.clone()
+        if bad_value is not None:
+            maps[2, 23, 23] = bad_value
+        flag = torch.zeros(1, dtype=torch.int32, device=device)
+        _upsample_peaks_triton(maps, _geometry((30, 20), "pad"), 1, False, nonfinite=flag)
+        assert int(flag.item()) == expected

@@ -258,9 +258,10 @@ def compile_variants(arch: int = 90) -> list[Variant]:
                 attempt(f"{shape.name} rows={rows}", lambda: _capture_cases(shape, rows))
         geometry = upsample_peak._geometry((768, 1024), "pad")
         maps = torch.empty(32, 24, 24, dtype=torch.float32, device="meta")
+        flag = torch.zeros(1, dtype=torch.int32, device="meta")  # upsample_peaks' in-kernel NaN/inf check
         for k, return_maps in UPSAMPLE_VARIANTS:
             attempt(f"upsample 24x24->768x1024 k={k} maps={return_maps}",
-                    lambda: upsample_peak._upsample_peaks_triton(maps, geometry, k, return_maps))
+                    lambda: upsample_peak._upsample_peaks_triton(maps, geometry, k, return_maps, nonfinite=flag))
     return variants
 
 

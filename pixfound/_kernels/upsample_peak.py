@@ -23,7 +23,10 @@ straight to ``H x W``) and take the argmax. The published code does exactly::
      ``interpolate(..., align_corners=False)``) for its tile and keeps the tile's k best
      (value, flat index) pairs, ties to the lowest flat index.
   2. ``_merge_tile_topk_kernel``: one program per map reduces the ``[tiles * k]``
-     candidates to the k best and writes (x, y).
+     candidates to the k best and writes (x, y). It also checks the map's input values for
+     NaN/inf (one int32 flag), so that the caller's only wait for the GPU comes after both
+     launches: checking up front (``torch.isfinite(...).all()`` read on the host) left the GPU
+     idle while the host prepared them.
 
 Ordering is "value descending, then flat index ascending", which is ``torch.argmax``'s
 tie rule (first maximal index); both passes use it, so the tiling never changes the
@@ -110,8 +113,12 @@ def _check_size(size: object) -> tuple[int, int]:
     return height, width
 
 
-def _check_maps(maps: object) -> torch.Tensor:
-    """Validate ``maps`` and return it as float32 (values unchanged for fp16/bf16/fp32)."""
+def _check_maps(maps: object, *, finite: bool = True) -> torch.Tensor:
+    """Validate ``maps`` and return it as float32 (values unchanged for fp16/bf16/fp32).
+
+    ``finite=False`` leaves out the NaN/inf check (the Triton path checks inside its kernels and
+    raises with :func:`_check_finite` after them).
+    """
     if not isinstance(maps, torch.Tensor):
         raise ValueError(f"maps must be a torch.Tensor of shape [G, h, w], got {type(maps).__name__}")
     if maps.dim() != 3:
@@ -121,17 +128,24 @@ def _check_maps(maps: object) -> torch.Tensor:
     if not maps.is_floating_point():
         raise ValueError(f"maps must be a floating-point tensor, got dtype {maps.dtype}")
     maps32 = maps.to(torch.float32)
-    if not bool(torch.isfinite(maps32).all()):
-        bad = (~torch.isfinite(maps32)).flatten(1).any(1).nonzero().flatten().tolist()
-        raise ValueError(
-            f"maps must be finite (no NaN/inf); maps of shape {tuple(maps.shape)} have "
-            f"non-finite values in map(s) {bad[:10]}"
-        )
+    if finite:
+        _check_finite(maps32)
     return maps32
 
 
-def _check_args(maps: object, size: object, aspect: object, k: object) -> tuple[torch.Tensor, _Geometry]:
-    maps32 = _check_maps(maps)
+def _check_finite(maps32: torch.Tensor) -> None:
+    """ValueError naming the maps with NaN or inf."""
+    if not bool(torch.isfinite(maps32).all()):
+        bad = (~torch.isfinite(maps32)).flatten(1).any(1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"maps must be finite (no NaN/inf); maps of shape {tuple(maps32.shape)} have "
+            f"non-finite values in map(s) {bad[:10]}"
+        )
+
+
+def _check_args(maps: object, size: object, aspect: object, k: object, *, finite: bool = True
+                ) -> tuple[torch.Tensor, _Geometry]:
+    maps32 = _check_maps(maps, finite=finite)
     height, width = _check_size(size)
     if aspect not in ASPECT_MODES:
         raise ValueError(f"aspect must be one of {ASPECT_MODES}, got {aspect!r}")
@@ -339,13 +353,24 @@ if triton_available():
         cand_val_ptr,  # float32 [G, n_cand]
         cand_idx_ptr,  # int32 [G, n_cand]
         peaks_ptr,  # int64 [G, K, 2] as (x, y)
+        maps_ptr,  # float32 [G, map_numel], read only when CHECK_FINITE
+        nonfinite_ptr,  # int32 [1], set to 1 when CHECK_FINITE finds NaN or inf in any map
         n_cand,
         out_w,
+        map_numel,
         K: tl.constexpr,
         BLOCK: tl.constexpr,
         NO_INDEX: tl.constexpr,
+        CHECK_FINITE: tl.constexpr,
     ):
         g = tl.program_id(0).to(tl.int64)
+        if CHECK_FINITE:  # here rather than before the launch: a host check would wait for the GPU first
+            found = tl.zeros([BLOCK], tl.int32)
+            for start in range(0, map_numel, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                x = tl.load(maps_ptr + g * map_numel + offs, mask=offs < map_numel, other=0.0)
+                found = tl.maximum(found, ((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32))
+            tl.atomic_max(nonfinite_ptr, tl.max(found, axis=0))
         vals_ptr = cand_val_ptr + g * n_cand
         idx_ptr = cand_idx_ptr + g * n_cand
         for r in tl.static_range(K):
@@ -389,8 +414,13 @@ def _upsample_peaks_triton(
     *,
     block_h: int | None = None,
     block_w: int | None = None,
+    nonfinite: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Both Triton passes on validated float32 maps (block sizes overridable for tests)."""
+    """Both Triton passes on validated float32 maps (block sizes overridable for tests).
+
+    With ``nonfinite`` (int32 ``[1]``, zero), the merge pass also sets it to 1 if any map holds
+    NaN or inf, so that the caller needs no check (and no wait for the GPU) before the launches.
+    """
     if maps32.device.type == "cpu" and not _DECORATED_FOR_INTERPRETER:
         raise RuntimeError(
             "the upsample_peak kernels were compiled for the GPU: set TRITON_INTERPRET=1 before "
@@ -448,11 +478,15 @@ def _upsample_peaks_triton(
         cand_val,
         cand_idx,
         peaks,
+        maps32,
+        nonfinite if nonfinite is not None else cand_idx,  # any int32 tensor when unused
         n_cand,
         geo.out_w,
+        in_h * in_w,
         K=k,
         BLOCK=merge_block,
         NO_INDEX=_NO_INDEX,
+        CHECK_FINITE=nonfinite is not None,
         num_warps=4,
     )
     return (peaks, out_maps) if return_maps else peaks
@@ -493,7 +527,7 @@ def upsample_peaks(
         (``y * W + x``), like ``torch.argmax``; with ``return_maps=True`` the tuple
         ``(peaks, maps [G, H, W])``.
     """
-    maps32, geo = _check_args(maps, size, aspect, k)
+    maps32, geo = _check_args(maps, size, aspect, k, finite=False)
     if backend == "cpp":
         if maps32.device.type != "cpu":
             raise ValueError(f"backend='cpp' takes CPU tensors, got maps on {maps32.device}")
@@ -502,10 +536,15 @@ def upsample_peaks(
         chosen = resolve_backend(backend, maps32)
         if backend == "auto" and maps32.device.type == "cpu" and (chosen == "torch" or not _DECORATED_FOR_INTERPRETER):
             chosen = "cpp"  # no Triton here (or it was enabled after this module was imported)
+    if chosen == "triton" and k <= MAX_TRITON_K and geo.out_h * geo.out_w < _NO_INDEX:
+        nonfinite = torch.zeros(1, dtype=torch.int32, device=maps32.device)
+        result = _upsample_peaks_triton(maps32, geo, k, return_maps, nonfinite=nonfinite)
+        if nonfinite.item():  # the one wait for the GPU, after the kernels
+            _check_finite(maps32)
+        return result
+    _check_finite(maps32)
     if chosen == "cpp" and not return_maps:
         return _upsample_peaks_cpp(maps32, geo, k)
-    if chosen == "triton" and k <= MAX_TRITON_K and geo.out_h * geo.out_w < _NO_INDEX:
-        return _upsample_peaks_triton(maps32, geo, k, return_maps)
     upsampled = _upsample_checked(maps32, geo)
     peaks = _flat_to_xy(_topk_lowest_index(upsampled.reshape(upsampled.shape[0], -1), k), geo.out_w)
     return (peaks, upsampled) if return_maps else peaks
