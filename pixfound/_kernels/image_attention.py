@@ -341,14 +341,43 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
-    def _scaled_scores(q_tile, k_base, stride_kl, d_ok, keys, key_ok, scale_log2, DOT_IN_FP32: tl.constexpr):
-        """Scores of the query rows with one tile of keys, in log2 units; -inf where ``key_ok`` is False."""
+    def _key_dots(q_tile, k_base, stride_kl, d_ok, keys, key_ok, DOT_IN_FP32: tl.constexpr):
+        """Raw dot products of the query rows with one tile of keys (keys not in ``key_ok`` are not read).
+
+        fp32 inputs keep IEEE fp32 products (no TF32); 16-bit inputs use the tensor cores.
+        """
         k_tile = tl.load(k_base + keys[None, :] * stride_kl, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
         if DOT_IN_FP32:
             s = tl.dot(q_tile, k_tile.to(tl.float32), input_precision="ieee")
         else:
             s = tl.dot(q_tile, k_tile)
+        return s
+
+    @triton.jit
+    def _scaled_scores(q_tile, k_base, stride_kl, d_ok, keys, key_ok, scale_log2, DOT_IN_FP32: tl.constexpr):
+        """Scores of the query rows with one tile of keys, in log2 units; -inf where ``key_ok`` is False."""
+        s = _key_dots(q_tile, k_base, stride_kl, d_ok, keys, key_ok, DOT_IN_FP32)
         return tl.where(key_ok[None, :], s * scale_log2, float("-inf"))
+
+    @triton.jit
+    def _pair_queries(q_sample, pair_row, pair_head, offs_d, pair_ok, d_ok, stride_qr, stride_qh, stride_qd,
+                      DOT_IN_FP32: tl.constexpr):
+        """The query vectors [PAIRS, BLOCK_D] of (row, query head) pairs of one sample (0 for padded pairs).
+
+        Called per kv head, not hoisted: a pointer tile kept across the loop costs registers (ptxas spilled).
+        """
+        q_rows = q_sample + pair_row[:, None] * stride_qr + pair_head[:, None] * stride_qh
+        q_tile = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=pair_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_IN_FP32:
+            q_tile = q_tile.to(tl.float32)
+        return q_tile
+
+    @triton.jit
+    def _gap_bounds(gap_start_ptr, gap_end_ptr, sample, num_keys):
+        """A sample's padding run [gap_lo, gap_hi), clamped into [0, num_keys] (gap_end < gap_start: empty)."""
+        gap_lo = tl.minimum(tl.maximum(tl.load(gap_start_ptr + sample), 0), num_keys).to(tl.int32)
+        gap_hi = tl.minimum(tl.maximum(tl.load(gap_end_ptr + sample), 0), num_keys).to(tl.int32)
+        return gap_lo, tl.maximum(gap_hi, gap_lo)
 
     @triton.jit
     def _row_softmax_stats(
@@ -436,9 +465,7 @@ if triton_available():
         first_hi = key_hi
         second_lo = key_hi
         if HAS_GAP:
-            gap_lo = tl.minimum(tl.maximum(tl.load(gap_start_ptr + sample), 0), num_keys).to(tl.int32)
-            gap_hi = tl.minimum(tl.maximum(tl.load(gap_end_ptr + sample), 0), num_keys).to(tl.int32)
-            gap_hi = tl.maximum(gap_hi, gap_lo)  # gap_end < gap_start: empty
+            gap_lo, gap_hi = _gap_bounds(gap_start_ptr, gap_end_ptr, sample, num_keys)
             first_hi = tl.minimum(tl.maximum(gap_lo, key_lo), key_hi)
             second_lo = tl.minimum(tl.maximum(gap_hi, first_hi), key_hi)
             first_hi = tl.where(gap_hi > gap_lo, first_hi, key_hi)
@@ -570,29 +597,20 @@ if triton_available():
         gap_lo = num_keys
         gap_hi = num_keys
         if HAS_GAP:  # the valid keys of a pair: [key_lo, key_hi) minus [gap_lo, gap_hi)
-            gap_lo = tl.minimum(tl.maximum(tl.load(gap_start_ptr + sample), 0), num_keys).to(tl.int32)
-            gap_hi = tl.minimum(tl.maximum(tl.load(gap_end_ptr + sample), 0), num_keys).to(tl.int32)
-            gap_hi = tl.maximum(gap_hi, gap_lo)  # gap_end < gap_start: empty
+            gap_lo, gap_hi = _gap_bounds(gap_start_ptr, gap_end_ptr, sample, num_keys)
         stats = stats_ptr + (((layer * batch + sample) * row_blocks + row_block) * heads_kv) * 2 * PAIRS
 
         # Pass 1, per kv head: online max and sum of exp (log2 units) over each pair's valid keys.
         for kv_head in range(0, heads_kv):
-            q_rows = (q_ptr + sample * stride_qb + pair_row[:, None] * stride_qr
-                      + (kv_head * GROUP + pair_head)[:, None] * stride_qh)
-            q_tile = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=pair_ok[:, None] & d_ok[None, :], other=0.0)
-            if DOT_IN_FP32:
-                q_tile = q_tile.to(tl.float32)
+            q_tile = _pair_queries(q_ptr + sample * stride_qb, pair_row, kv_head * GROUP + pair_head, offs_d, pair_ok,
+                                   d_ok, stride_qr, stride_qh, stride_qd, DOT_IN_FP32)
             k_base = k_ptr + sample * stride_kb + kv_head * stride_kh + offs_d[:, None] * stride_kd
             m_i = tl.full([PAIRS], float("-inf"), tl.float32)
             l_i = tl.zeros([PAIRS], tl.float32)
             for start in range(key_lo, reach, BLOCK_N):
                 keys = start + offs_n
                 any_ok = (keys < reach) & ((keys < gap_lo) | (keys >= gap_hi))
-                k_tile = tl.load(k_base + keys[None, :] * stride_kl, mask=d_ok[:, None] & any_ok[None, :], other=0.0)
-                if DOT_IN_FP32:
-                    s = tl.dot(q_tile, k_tile.to(tl.float32), input_precision="ieee")
-                else:
-                    s = tl.dot(q_tile, k_tile)
+                s = _key_dots(q_tile, k_base, stride_kl, d_ok, keys, any_ok, DOT_IN_FP32)
                 ok = any_ok[None, :] & (keys[None, :] < key_hi[:, None])
                 s = tl.where(ok, s * scale_log2, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -615,18 +633,10 @@ if triton_available():
             ok = any_ok[None, :] & (keys[None, :] < key_hi[:, None])
             acc = tl.zeros([ROWS_P, BLOCK_N], tl.float32)
             for kv_head in range(0, heads_kv):
-                q_rows = (q_ptr + sample * stride_qb + pair_row[:, None] * stride_qr
-                          + (kv_head * GROUP + pair_head)[:, None] * stride_qh)
-                q_tile = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=pair_ok[:, None] & d_ok[None, :],
-                                 other=0.0)
-                if DOT_IN_FP32:
-                    q_tile = q_tile.to(tl.float32)
+                q_tile = _pair_queries(q_ptr + sample * stride_qb, pair_row, kv_head * GROUP + pair_head, offs_d,
+                                       pair_ok, d_ok, stride_qr, stride_qh, stride_qd, DOT_IN_FP32)
                 k_base = k_ptr + sample * stride_kb + kv_head * stride_kh + offs_d[:, None] * stride_kd
-                k_tile = tl.load(k_base + keys[None, :] * stride_kl, mask=d_ok[:, None] & any_ok[None, :], other=0.0)
-                if DOT_IN_FP32:
-                    s = tl.dot(q_tile, k_tile.to(tl.float32), input_precision="ieee")
-                else:
-                    s = tl.dot(q_tile, k_tile)
+                s = _key_dots(q_tile, k_base, stride_kl, d_ok, keys, any_ok, DOT_IN_FP32)
                 m_safe = tl.load(stats + kv_head * 2 * PAIRS + offs_m)
                 inv_l = tl.load(stats + kv_head * 2 * PAIRS + PAIRS + offs_m)
                 p = tl.where(ok, tl.exp2(s * scale_log2 - m_safe[:, None]) * inv_l[:, None], 0.0)
