@@ -654,11 +654,20 @@ def _image_attention_triton(q: torch.Tensor, k: torch.Tensor, checked: _Inputs, 
     return _launch_kernel(q, k, checked, scale)
 
 
-def _launch_options(q: torch.Tensor, checked: _Inputs) -> tuple[bool, bool, torch.Tensor, torch.Tensor]:
-    """What both kernels' launches share: (dot in fp32, has a gap, gap_start, gap_end pointers).
+@dataclass(frozen=True)
+class _LaunchArgs:
+    """What the launches of both kernels share, in the kernels' parameter order."""
 
-    Raises if the kernels were compiled for the GPU and ``q`` is a CPU tensor.
-    """
+    pointers: tuple  # q, k, q_units, k_units, image_start, image_len, key_start, key_end, gap_start, gap_end
+    strides: tuple  # q's 4, k's 4, key_end's 2
+    constexprs: dict  # BLOCK_N, BLOCK_D, DOT_IN_FP32, HAS_GAP, LAYERED, OFFSET_UNIT and num_warps
+    tiles: _Tiles
+
+
+def _launch_args(
+    q: torch.Tensor, k: torch.Tensor, checked: _Inputs, q_units: torch.Tensor | None, k_units: torch.Tensor | None
+) -> _LaunchArgs:
+    """The arguments both kernels take alike. Raises if the kernels were compiled for the GPU and ``q`` is a CPU tensor."""
     if q.device.type == "cpu" and not _DECORATED_FOR_INTERPRETER:
         raise RuntimeError(
             "the image_attention kernel was compiled for the GPU: set TRITON_INTERPRET=1 before importing "
@@ -668,10 +677,17 @@ def _launch_options(q: torch.Tensor, checked: _Inputs) -> tuple[bool, bool, torc
     # so there bf16 gets fp32 operands; products of fp16/bf16 are exact in fp32, so nothing changes.
     dot_in_fp32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type == "cpu")
     has_gap = checked.gap_start is not None and checked.gap_end is not None
-    # Pointers the compiled variant never reads (no gap) get any int64 tensor.
-    gap_start = checked.gap_start if has_gap else checked.key_start
-    gap_end = checked.gap_end if has_gap else checked.key_start
-    return dot_in_fp32, has_gap, gap_start, gap_end
+    layered = q_units is not None and k_units is not None
+    tiles = _tiles(q)
+    # Pointers the compiled variant never reads (no gap, one layer) get any int64 tensor.
+    unused = checked.key_start
+    pointers = (q, k, q_units if layered else unused, k_units if layered else unused, checked.image_start,
+                checked.image_len, checked.key_start, checked.key_end, checked.gap_start if has_gap else unused,
+                checked.gap_end if has_gap else unused)
+    constexprs = dict(BLOCK_N=tiles.block_n, BLOCK_D=max(_MIN_DOT, _next_power_of_2(q.shape[-1])),
+                      DOT_IN_FP32=dot_in_fp32, HAS_GAP=has_gap, LAYERED=layered,
+                      OFFSET_UNIT=_ALIGN_BYTES // q.element_size(), num_warps=tiles.num_warps)
+    return _LaunchArgs(pointers, (*q.stride(), *k.stride(), *checked.key_end.stride()), constexprs, tiles)
 
 
 def _launch_kernel(
@@ -693,49 +709,18 @@ def _launch_kernel(
     batch, heads_q, rows, head_dim = q.shape
     heads_kv, num_keys = k.shape[1], k.shape[2]
     width = checked.num_image_keys
-    dot_in_fp32, has_gap, gap_start, gap_end = _launch_options(q, checked)
+    args = _launch_args(q, k, checked, q_units, k_units)
     if batch == 0 or width == 0 or rows == 0:
         return torch.zeros(batch, rows, width, dtype=torch.float32, device=q.device)
     group = heads_q // heads_kv
-    tiles = _tiles(q)
     # Entries past a sample's own image_len are never written: zeros, not garbage.
     partial = torch.zeros(layers, batch, heads_kv, rows, width, dtype=torch.float32, device=q.device)
     # The image keys' scores per query head, written and read back by the same program.
     scores = torch.empty(layers * batch * heads_q * rows * width, dtype=torch.float32, device=q.device)
-    # Pointers the compiled variant never reads (one layer) get any int64 tensor.
-    layered = q_units is not None and k_units is not None
     _image_attention_kernel[(heads_kv, batch, layers * rows)](
-        q,
-        k,
-        q_units if layered else checked.key_start,
-        k_units if layered else checked.key_start,
-        checked.image_start,
-        checked.image_len,
-        checked.key_start,
-        checked.key_end,
-        gap_start,
-        gap_end,
-        scores,
-        partial,
-        *q.stride(),
-        *k.stride(),
-        *checked.key_end.stride(),
-        batch,
-        heads_kv,
-        rows,
-        num_keys,
-        head_dim,
-        width,
-        float(scale) * _LOG2E,
-        GROUP=group,
-        BLOCK_M=max(_MIN_DOT, _next_power_of_2(group)),
-        BLOCK_N=tiles.block_n,
-        BLOCK_D=max(_MIN_DOT, _next_power_of_2(head_dim)),
-        DOT_IN_FP32=dot_in_fp32,
-        HAS_GAP=has_gap,
-        LAYERED=layered,
-        OFFSET_UNIT=_ALIGN_BYTES // q.element_size(),
-        num_warps=tiles.num_warps,
+        *args.pointers, scores, partial, *args.strides,
+        batch, heads_kv, rows, num_keys, head_dim, width, float(scale) * _LOG2E,
+        GROUP=group, BLOCK_M=max(_MIN_DOT, _next_power_of_2(group)), **args.constexprs,
     )
     return partial.sum(dim=(0, 2)).div_(heads_q)
 
@@ -756,56 +741,23 @@ def _launch_rows_kernel(
     scratch beyond ``[layers, B, R, N]`` fp32 and the per-pair softmax statistics.
     """
     batch, heads_q, rows, head_dim = q.shape
-    heads_kv = k.shape[1]
+    heads_kv, num_keys = k.shape[1], k.shape[2]
     width = checked.num_image_keys
-    dot_in_fp32, has_gap, gap_start, gap_end = _launch_options(q, checked)
+    args = _launch_args(q, k, checked, q_units, k_units)
     if batch == 0 or width == 0 or rows == 0:
         return torch.zeros(batch, rows, width, dtype=torch.float32, device=q.device)
     group = heads_q // heads_kv
     group_p = _next_power_of_2(group)
-    tiles = _tiles(q)
-    # At least _MIN_DOT pairs per program (tl.dot's smallest M), at most tiles.max_pairs.
-    rows_p = max(min(_next_power_of_2(rows), max(1, tiles.max_pairs // group_p)), max(1, _MIN_DOT // group_p))
+    # At least _MIN_DOT pairs per program (tl.dot's smallest M), at most the tiles' max_pairs.
+    rows_p = max(min(_next_power_of_2(rows), max(1, args.tiles.max_pairs // group_p)), max(1, _MIN_DOT // group_p))
     row_blocks = -(-rows // rows_p)
     partial = torch.zeros(layers, batch, rows, width, dtype=torch.float32, device=q.device)
     stats = torch.empty(layers * batch * row_blocks * heads_kv * 2 * rows_p * group_p, dtype=torch.float32,
                         device=q.device)
-    layered = q_units is not None and k_units is not None
     _image_attention_rows_kernel[(batch, row_blocks, layers)](
-        q,
-        k,
-        q_units if layered else checked.key_start,
-        k_units if layered else checked.key_start,
-        checked.image_start,
-        checked.image_len,
-        checked.key_start,
-        checked.key_end,
-        gap_start,
-        gap_end,
-        stats,
-        partial,
-        *q.stride(),
-        *k.stride(),
-        *checked.key_end.stride(),
-        batch,
-        heads_kv,
-        rows,
-        row_blocks,
-        k.shape[2],
-        head_dim,
-        width,
-        float(scale) * _LOG2E,
-        GROUP=group,
-        GROUP_P=group_p,
-        ROWS_P=rows_p,
-        PAIRS=rows_p * group_p,
-        BLOCK_N=tiles.block_n,
-        BLOCK_D=max(_MIN_DOT, _next_power_of_2(head_dim)),
-        DOT_IN_FP32=dot_in_fp32,
-        HAS_GAP=has_gap,
-        LAYERED=layered,
-        OFFSET_UNIT=_ALIGN_BYTES // q.element_size(),
-        num_warps=tiles.num_warps,
+        *args.pointers, stats, partial, *args.strides,
+        batch, heads_kv, rows, row_blocks, num_keys, head_dim, width, float(scale) * _LOG2E,
+        GROUP=group, GROUP_P=group_p, ROWS_P=rows_p, PAIRS=rows_p * group_p, **args.constexprs,
     )
     return partial.sum(dim=0).div_(heads_q)
 
