@@ -63,6 +63,24 @@ def test_layer_follows_operations_that_replace_its_tensors():
     assert torch.equal(out_keys, torch.cat([keys[[2, 0], :, :3], more_keys], dim=-2))
 
 
+def test_layer_never_broadcasts_or_casts_new_states_into_its_buffer():
+    """The update's fast path (its own views untouched) still checks the new states against the buffer."""
+    generator = torch.Generator().manual_seed(3)
+    layer = PreallocatedLayer(capacity=10)
+    keys, values = _states(generator, length=3)
+    layer.update(keys, values)
+    step_keys, step_values = _states(generator)
+    layer.update(step_keys, step_values)  # the views it handed out are still its keys/values
+    wide_keys, wide_values = (t.double() for t in _states(generator))
+    out_keys, out_values = layer.update(wide_keys, wide_values)  # new float64 buffers, earlier entries kept
+    assert out_keys.dtype == torch.float64 and out_values.dtype == torch.float64
+    assert torch.equal(out_keys, torch.cat([keys.double(), step_keys.double(), wide_keys], dim=-2))
+    assert torch.equal(out_values, torch.cat([values.double(), step_values.double(), wide_values], dim=-2))
+    one_sample = tuple(t.double() for t in _states(generator, batch=1))
+    with pytest.raises(RuntimeError):  # a batch of 1 is never broadcast over the layer's 2 samples
+        layer.update(*one_sample)
+
+
 def test_cache_prefill_and_bad_arguments():
     generator = torch.Generator().manual_seed(3)
     prefix = [_states(generator, length=6) for _ in range(2)]

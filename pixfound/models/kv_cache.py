@@ -39,6 +39,9 @@ class PreallocatedLayer(DynamicLayer):
         self.capacity = int(capacity)
         self._key_buffer: Optional[torch.Tensor] = None
         self._value_buffer: Optional[torch.Tensor] = None
+        # The views the last update handed out: while keys/values are still these very objects,
+        # the next update needs none of _fits' checks of the buffers (a per-layer, per-step cost).
+        self._handed: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def _filled(self) -> int:
         keys = getattr(self, "keys", None)
@@ -59,13 +62,8 @@ class PreallocatedLayer(DynamicLayer):
             return False
         return (
             needed <= buffer.shape[-2]
-            and buffer.shape[:2] == key_states.shape[:2]
-            and buffer.shape[-1] == key_states.shape[-1]
-            and values.shape[:2] == value_states.shape[:2]
-            and values.shape[-1] == value_states.shape[-1]
-            and buffer.dtype == key_states.dtype
-            and values.dtype == value_states.dtype
-            and buffer.device == key_states.device
+            and self._same_layout(buffer, key_states)
+            and self._same_layout(values, value_states)
         )
 
     def _reserve(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
@@ -86,19 +84,43 @@ class PreallocatedLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        filled = self._filled()
-        needed = filled + key_states.shape[-2]
-        if not self._fits(key_states, value_states, needed):
+        new = key_states.shape[-2]
+        handed = self._handed
+        if handed is not None and self.keys is handed[0] and self.values is handed[1]:
+            # Nothing replaced the views since the last update: they are the buffers' leading part.
+            filled = handed[0].shape[-2]
+            needed = filled + new
+            buffer = self._key_buffer
+            fits = (needed <= buffer.shape[-2] and self._same_layout(buffer, key_states)
+                    and self._same_layout(self._value_buffer, value_states))
+        else:
+            filled = self._filled()
+            needed = filled + new
+            fits = self._fits(key_states, value_states, needed)
+        if not fits:
             self._reserve(key_states, value_states, needed)
-        self._key_buffer[:, :, filled:needed].copy_(key_states)
-        self._value_buffer[:, :, filled:needed].copy_(value_states)
-        self.keys = self._key_buffer[:, :, :needed]
-        self.values = self._value_buffer[:, :, :needed]
+        # narrow, not [:, :, a:b]: the same views for less host time (this runs per layer and step)
+        self._key_buffer.narrow(2, filled, new).copy_(key_states)
+        self._value_buffer.narrow(2, filled, new).copy_(value_states)
+        self.keys = self._key_buffer.narrow(2, 0, needed)
+        self.values = self._value_buffer.narrow(2, 0, needed)
+        self._handed = (self.keys, self.values)
         return self.keys, self.values
+
+    @staticmethod
+    def _same_layout(buffer: torch.Tensor, states: torch.Tensor) -> bool:
+        """Whether ``states`` can be written into ``buffer`` as they are (no broadcast, cast or device copy)."""
+        return (
+            buffer.shape[:2] == states.shape[:2]
+            and buffer.shape[-1] == states.shape[-1]
+            and buffer.dtype == states.dtype
+            and buffer.device == states.device
+        )
 
     def reset(self) -> None:
         super().reset()
         self._key_buffer = self._value_buffer = None
+        self._handed = None
 
 def preallocated_cache(
     num_layers: int, capacity: int, prefill: Optional[Iterable[tuple[torch.Tensor, torch.Tensor]]] = None
