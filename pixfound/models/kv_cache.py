@@ -40,7 +40,7 @@ class PreallocatedLayer(DynamicLayer):
         self._key_buffer: Optional[torch.Tensor] = None
         self._value_buffer: Optional[torch.Tensor] = None
         # The views the last update handed out: while keys/values are still these very objects,
-        # the next update needs none of _fits' checks of the buffers (a per-layer, per-step cost).
+        # the next update skips _holds_views' checks of the buffers (a per-layer, per-step cost).
         self._handed: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def _filled(self) -> int:
@@ -56,9 +56,10 @@ class PreallocatedLayer(DynamicLayer):
             for t, b in ((self.keys, self._key_buffer), (self.values, self._value_buffer))
         )
 
-    def _fits(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> bool:
+    def _fits(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int, views_untouched: bool) -> bool:
+        """Whether the new states go into the current buffers (``views_untouched``: keys/values are known views of them)."""
         buffer, values = self._key_buffer, self._value_buffer
-        if buffer is None or (self._filled() > 0 and not self._holds_views()):
+        if not views_untouched and (buffer is None or (self._filled() > 0 and not self._holds_views())):
             return False
         return (
             needed <= buffer.shape[-2]
@@ -84,20 +85,13 @@ class PreallocatedLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        new = key_states.shape[-2]
         handed = self._handed
-        if handed is not None and self.keys is handed[0] and self.values is handed[1]:
-            # Nothing replaced the views since the last update: they are the buffers' leading part.
-            filled = handed[0].shape[-2]
-            needed = filled + new
-            buffer = self._key_buffer
-            fits = (needed <= buffer.shape[-2] and self._same_layout(buffer, key_states)
-                    and self._same_layout(self._value_buffer, value_states))
-        else:
-            filled = self._filled()
-            needed = filled + new
-            fits = self._fits(key_states, value_states, needed)
-        if not fits:
+        # Nothing replaced the views handed out last time: they are the buffers' leading part.
+        untouched = handed is not None and self.keys is handed[0] and self.values is handed[1]
+        filled = handed[0].shape[-2] if untouched else self._filled()
+        new = key_states.shape[-2]
+        needed = filled + new
+        if not self._fits(key_states, value_states, needed, untouched):
             self._reserve(key_states, value_states, needed)
         # narrow, not [:, :, a:b]: the same views for less host time (this runs per layer and step)
         self._key_buffer.narrow(2, filled, new).copy_(key_states)
