@@ -74,8 +74,9 @@ def _tolerated_old_triton_spill(variant: dict) -> bool:
 
     Only that toy shape, and only that much: the model-size variants must not spill on any Triton.
     """
-    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
-    return ((major, minor) < (3, 7) and variant["case"].startswith("tiny-fp32")
+    from pixfound._kernels._backend import major_minor
+
+    return (major_minor(triton.__version__) < (3, 7) and variant["case"].startswith("tiny-fp32")
             and 0 < variant["spill_bytes"] <= 16 and variant["problems"] == [f"spills {variant['spill_bytes']} bytes of registers"])
 
 

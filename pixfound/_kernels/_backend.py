@@ -26,7 +26,8 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _major_minor(version: str) -> tuple[int, int]:
+def major_minor(version: str) -> tuple[int, int]:
+    """``"3.6.0"`` -> ``(3, 6)``; local and pre-release suffixes (``+git…``, ``rc1``) are ignored."""
     parts = [int(p) if p.isdigit() else 0 for p in (version.split("+")[0].split(".") + ["0", "0"])[:2]]
     return parts[0], parts[1]
 
@@ -39,7 +40,7 @@ def interpreter_incompatibility(triton_version: str, numpy_version: str) -> str 
     with "only 0-dimensional arrays can be converted to Python scalars" (seen with Triton 3.5 and
     3.6; 3.7.1 and 3.8 work). Native GPU launches are not affected.
     """
-    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
         return (
             f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run with NumPy {numpy_version}: "
             "before Triton 3.7 it needs NumPy < 2.4. Install triton>=3.7 or 'numpy<2.4', "
