@@ -58,6 +58,9 @@ def _assert_same(first, second, tol: float = MAP_TOL) -> None:
     assert first.maps.dtype == torch.float32 and first.maps.device.type == "cpu"
     diff = (first.maps - second.maps).abs().max().item()
     assert diff <= tol, f"maps differ by {diff:.3g} > {tol}"
+    assert (first.stop_map is None) == (second.stop_map is None)
+    if first.stop_map is not None:
+        assert (first.stop_map - second.stop_map).abs().max().item() <= tol
     assert first.extra_maps.keys() == second.extra_maps.keys()
     for name in first.extra_maps:
         assert (first.extra_maps[name][0] - second.extra_maps[name][0]).abs().max().item() <= tol
@@ -226,8 +229,11 @@ def test_maps_end_before_eos():
         expected = full.token_ids[: full.token_ids.index(eos)] if eos in full.token_ids else full.token_ids
         assert r.token_ids == expected
         assert r.maps.shape[0] == len(expected)
+        # The step that emitted EOS keeps its map apart (the published mean counts it); no EOS, no map.
+        assert (r.stop_map is None) == (eos not in full.token_ids)
         _assert_same(r, f)
     assert len(ref[1].token_ids) == free[1].token_ids.index(eos) <= 2  # sample 1 really was cut short
+    assert ref[1].stop_map.shape == ref[1].maps.shape[1:]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -430,11 +436,14 @@ def test_token_maps_cuts_at_stop_ids_and_maps_cells():
     ]
     generated = torch.tensor([[5, 6, 9, 9], [5, 6, 7, 8]])
     result = probe.token_maps(steps, layouts, generated, stop_ids={9})
-    maps0, extra0 = result[0]
-    maps1, extra1 = result[1]
+    maps0, stop0, extra0 = result[0]
+    maps1, stop1, extra1 = result[1]
     assert maps0.shape == (2, 2, 3) and maps1.shape == (4, 2, 3)
     torch.testing.assert_close(maps0.flatten(1), steps[0, :2, :6], rtol=0, atol=0)
     torch.testing.assert_close(maps1.flatten(1), steps[1][:, permuted], rtol=0, atol=0)
+    # The step that emitted the first stop id keeps its map apart; a row without a stop id has none.
+    torch.testing.assert_close(stop0.flatten(), steps[0, 2, :6], rtol=0, atol=0)
+    assert stop1 is None
     assert extra0["base"][0].shape == (2, 1, 1) and extra1 == {}
     with pytest.raises(ValueError, match="one map per generated token"):
         probe.token_maps(steps, layouts, generated[:, :3], stop_ids={9})

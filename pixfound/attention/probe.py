@@ -654,8 +654,10 @@ def token_maps(
         stop_ids: EOS and padding ids; a sample's maps end before the first of them.
 
     Returns:
-        Per sample ``(maps, extra)``: maps float32 ``[T, grid_h, grid_w]`` on CPU, ``T`` = tokens
-        before the first stop id; ``extra`` maps each extra grid's name to ``(maps, geometry)``.
+        Per sample ``(maps, stop_map, extra)``: maps float32 ``[T, grid_h, grid_w]`` on CPU, ``T`` =
+        tokens before the first stop id; ``stop_map`` ``[grid_h, grid_w]`` is the map of the step that
+        emitted that stop id (None when there is none); ``extra`` maps each extra grid's name to
+        ``(maps, geometry)``.
     """
     from pixfound.models.base import first_stop_index
 
@@ -674,12 +676,13 @@ def token_maps(
     for b, layout in enumerate(layouts):
         count = first_stop_index(generated[b].tolist(), stop_ids)
 
-        def grid(index: torch.Tensor, geometry: Any) -> torch.Tensor:
+        def grid(index: torch.Tensor, geometry: Any, stop: int) -> torch.Tensor:
             if int(index.max()) >= width:
                 raise ValueError(f"sample {b}: grid index {int(index.max())} beyond the {width} recorded image keys")
-            return step_maps[b, :count][:, index].reshape(count, geometry.grid_h, geometry.grid_w).contiguous()
+            return step_maps[b, :stop][:, index].reshape(stop, geometry.grid_h, geometry.grid_w).contiguous()
 
-        maps = grid(layout.grid_index, layout.geometry)
-        extra = {name: (grid(index, geometry), geometry) for name, (index, geometry) in layout.extra.items()}
-        results.append((maps, extra))
+        maps = grid(layout.grid_index, layout.geometry, count)
+        stop_map = grid(layout.grid_index, layout.geometry, count + 1)[count].clone() if count < steps else None
+        extra = {name: (grid(index, geometry, count), geometry) for name, (index, geometry) in layout.extra.items()}
+        results.append((maps, stop_map, extra))
     return results

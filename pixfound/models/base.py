@@ -85,6 +85,9 @@ class Generation:
     maps: Optional[torch.Tensor]          # float32 [T, grid_h, grid_w] on CPU, T == len(token_ids); None without capture
     geometry: ImageGeometry
     timings: dict = dataclasses.field(default_factory=dict)
+    # The map of the step that emitted the stop token (EOS), float32 [grid_h, grid_w]; None when the
+    # answer ran into max_new_tokens or without capture. The published recipe counts it in the mean map.
+    stop_map: Optional[torch.Tensor] = None
     # Further per-token maps on other grids, e.g. LLaVA-NeXT's base 24x24 view: name -> (maps [T, h, w], geometry).
     extra_maps: dict = dataclasses.field(default_factory=dict)
 
@@ -453,6 +456,18 @@ class VisionLanguageAdapter(abc.ABC):
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
 
+    def _row_sampling_kwargs(self, max_new_tokens: int, seeds: Sequence[int], temperature: float,
+                             top_k: Optional[int], top_p: Optional[float]) -> dict:
+        """Greedy ``generate`` kwargs whose last logits processor samples each row from its own seed."""
+        from transformers import LogitsProcessorList
+
+        from pixfound.models.sampling import RowSampler
+
+        kwargs = self._generation_kwargs(max_new_tokens, False, temperature, None)
+        sampler = RowSampler(seeds, temperature=temperature, top_k=top_k, top_p=top_p)
+        kwargs["logits_processor"] = LogitsProcessorList([sampler])
+        return kwargs
+
     @contextlib.contextmanager
     def text_attention(self, implementation: str) -> Iterator[None]:
         """Temporarily run the text decoder with ``implementation`` (vision tower untouched)."""
@@ -473,7 +488,9 @@ class VisionLanguageAdapter(abc.ABC):
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: Optional[float] = None,
+        top_k: Optional[int] = None,
         seed: Optional[int] = None,
+        sample_seeds: Optional[Sequence[int]] = None,
         backend: str = "auto",
         prefixes: Optional[Sequence[ImagePrefix]] = None,
         cudnn_attention: bool = False,
@@ -490,8 +507,11 @@ class VisionLanguageAdapter(abc.ABC):
             batch_size: samples per ``generate`` call (left padded).
             first_token_row: which prefill query row gives the first token's map:
                 ``"second_to_last"`` (published) or ``"last"``.
-            do_sample, temperature, top_p: sampling; greedy by default.
-            seed: seeds torch's global RNG before each batch (for sampling).
+            do_sample, temperature, top_k, top_p: sampling; greedy by default. Each sample is drawn
+                from a generator of its own (:class:`pixfound.models.sampling.RowSampler`), so its
+                answer does not depend on the batch it is in.
+            seed: the run seed; without ``sample_seeds`` a sample's seed is ``row_seed(seed, id)``.
+            sample_seeds: one sampling seed per sample (e.g. from the sample id and the protocol).
             backend: image-attention kernel backend for ``capture="fused"`` ("auto"|"triton"|"torch").
             prefixes: optional, one :class:`ImagePrefix` per sample (:meth:`encode_image_prefixes`):
                 prefill only each prompt's own text after its image's cached prefix. A batch whose
@@ -520,7 +540,13 @@ class VisionLanguageAdapter(abc.ABC):
             raise ValueError(f"got {len(prefixes)} image prefixes for {len(samples)} samples")
         if kv_cache not in KV_CACHES:
             raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
-        gen_kwargs = self._generation_kwargs(max_new_tokens, do_sample, temperature, top_p)
+        if sample_seeds is not None and len(sample_seeds) != len(samples):
+            raise ValueError(f"got {len(sample_seeds)} sample seeds for {len(samples)} samples")
+        if do_sample and sample_seeds is None:
+            from pixfound.models.sampling import row_seed
+
+            sample_seeds = [row_seed(0 if seed is None else seed, s.id) for s in samples]
+        gen_kwargs = self._generation_kwargs(max_new_tokens, False, temperature, top_p)
         stop_ids = self.stop_token_ids
 
         results: list[Generation] = []
@@ -538,8 +564,9 @@ class VisionLanguageAdapter(abc.ABC):
             if kv_cache == "preallocated" and not prefix_shared:
                 cache = preallocated_cache(self.num_layers, batch.prompt_len + max_new_tokens)
                 batch = dataclasses.replace(batch, inputs={**batch.inputs, self._cache_argument: cache})
-            if seed is not None:
-                torch.manual_seed(seed)
+            if do_sample:
+                gen_kwargs = self._row_sampling_kwargs(max_new_tokens, sample_seeds[begin : begin + batch_size],
+                                                       temperature, top_k, top_p)
             started = time.perf_counter()
             step_maps = None
             generated_at = None  # when generate returned, before the maps are gathered
@@ -591,7 +618,7 @@ class VisionLanguageAdapter(abc.ABC):
                 ids = generated[row].tolist()
                 count = first_stop_index(ids, stop_ids)
                 ids = ids[:count]
-                maps, extra = (None, {}) if per_sample_maps is None else per_sample_maps[row]
+                maps, stop_map, extra = (None, None, {}) if per_sample_maps is None else per_sample_maps[row]
                 results.append(
                     Generation(
                         sample_id=str(sample.id),
@@ -610,6 +637,7 @@ class VisionLanguageAdapter(abc.ABC):
                             "prefix_shared": prefix_shared,
                         },
                         extra_maps=extra,
+                        stop_map=stop_map,
                     )
                 )
         return results
