@@ -265,7 +265,7 @@ def _sync(device: Any) -> None:
 
 
 def _grounding_protocols(sample: Any, protocols: Sequence[int]) -> list[int]:
-    from pixfound.eval.runner import applicable_protocols
+    from pixfound.eval.records import applicable_protocols
 
     return applicable_protocols(sample, protocols)
 
@@ -300,7 +300,7 @@ def run_published_recipe(samples: Sequence[Any], adapter: Any, segmenter: Any, *
 
     from pixfound.eval import metrics
     from pixfound.eval.prompts import build_prompt
-    from pixfound.eval.runner import record_key
+    from pixfound.eval.records import record_key
     from pixfound.grounding.phrases import phrases_from_generation
     from pixfound.grounding.select import SIMILARITY_THRESHOLD, mask_to_rle, oracle_ious_reference
     from pixfound.grounding.similarity import cosine_similarities, normalize_phrase
@@ -418,7 +418,9 @@ def run_pixfound(samples: Sequence[Any], adapter: Any, segmenter: Any, mode: str
     and precision are set to ``sam_batch_size`` (default ``batch_size``) and ``sam_dtype``.
     """
     from pixfound.eval.pipeline import GroundingPipeline
-    from pixfound.eval.runner import EvalConfig, RecordWriter, compute_records
+    from pixfound.eval.config import EvalConfig
+    from pixfound.eval.records import RecordWriter
+    from pixfound.eval.runner import compute_records
     from pixfound.grounding.sam import _dtype_name
     from pixfound.grounding.similarity import CachedPhraseVectors
 

@@ -61,7 +61,7 @@ def samples(settings):
 
 
 def _expected_records(samples, settings) -> int:
-    from pixfound.eval.runner import expected_keys
+    from pixfound.eval.records import expected_keys
 
     return len(expected_keys(samples, settings.protocols))
 

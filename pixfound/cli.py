@@ -259,7 +259,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def _eval_config(args: argparse.Namespace) -> Any:
-    from pixfound.eval.runner import EvalConfig, default_output_dir, parse_protocols, parse_selects, parse_shard
+    from pixfound.eval.config import EvalConfig, parse_protocols, parse_selects, parse_shard
+    from pixfound.eval.records import default_output_dir
 
     from pixfound.data import BENCHMARKS
 
@@ -385,7 +386,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from pixfound.eval import report
-    from pixfound.eval.runner import write_json_atomic, write_jsonl_atomic
+    from pixfound.eval.records import write_json_atomic, write_jsonl_atomic
 
     preds = pathlib.Path(args.preds)
     if not preds.is_dir():
@@ -433,7 +434,9 @@ def cmd_when(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     from pixfound.eval import report
-    from pixfound.eval.runner import EvalConfig, RunPaths, collect_records, load_samples
+    from pixfound.eval.config import EvalConfig
+    from pixfound.eval.records import RunPaths, collect_records
+    from pixfound.eval.runner import load_samples
 
     paths = RunPaths(pathlib.Path(args.run))
     if not paths.run_json.is_file():
@@ -468,7 +471,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_ground(args: argparse.Namespace) -> int:
     from pixfound.eval.pipeline import build_pipeline, ground_demo
-    from pixfound.eval.runner import EvalConfig
+    from pixfound.eval.config import EvalConfig
 
     _check_model_name(args.model)
     judge = args.judge.strip()

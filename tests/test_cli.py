@@ -25,7 +25,7 @@ from fake_openai_server import FakeOpenAIServer, chat_reply
 from pixfound import cli
 from pixfound.data import load_benchmark
 from pixfound.eval.prompts import build_prompt, grounding_templates, vqa_templates
-from pixfound.eval.runner import read_jsonl
+from pixfound.eval.records import read_jsonl
 from pixfound.grounding.select import rle_to_mask
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -9,7 +9,11 @@ import sys
 
 import pytest
 
-from pixfound.eval.runner import EvalConfig, read_jsonl, run_evaluation
+from pixfound.eval.config import EvalConfig
+
+from pixfound.eval.records import read_jsonl
+
+from pixfound.eval.runner import run_evaluation
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ["--limit", "6", "--protocol", "2,3", "--select", "oracle", "--max-new-tokens", "6", "--kernel-backend", "torch",

@@ -140,7 +140,7 @@ def test_qwen2_vl_cannot_share_prefixes():
 
 def _pipeline(**overrides):
     from pixfound.eval.pipeline import build_pipeline
-    from pixfound.eval.runner import EvalConfig
+    from pixfound.eval.config import EvalConfig
 
     values = dict(model="tiny-llava", capture="fused", selects=("oracle",), protocols=(1, 2, 3), device="cpu",
                   dtype="float32", max_new_tokens=8, progress=False, batch_size=4, sam_batch_size=4)

@@ -10,8 +10,10 @@ import threading
 import pytest
 
 from pixfound.data import load_benchmark
-from pixfound.eval import runner
-from pixfound.eval.runner import EvalConfig, RunPaths, read_jsonl, record_key, run_evaluation
+from pixfound.eval import records as run_records, runner
+from pixfound.eval.config import EvalConfig
+from pixfound.eval.records import RunPaths, read_jsonl, record_key
+from pixfound.eval.runner import run_evaluation
 from test_runner import FakePipeline, _config, _strip_volatile, _tiny_config, _use_torch_kernels, fake_record
 
 
@@ -75,7 +77,7 @@ def test_overlap_writes_the_same_records_once_from_a_second_thread(tmp_path, sam
                                 samples=samples)
     assert _strip_volatile(overlapped) == _strip_volatile(plain)
     keys = [r["key"] for r in read_jsonl(RunPaths(tmp_path / "staged").samples)[0]]
-    assert sorted(keys) == sorted(runner.expected_keys(samples, EvalConfig().protocols))
+    assert sorted(keys) == sorted(run_records.expected_keys(samples, EvalConfig().protocols))
     assert len(keys) == len(set(keys))
     assert {k for k in keys} == {r["key"] for r in read_jsonl(RunPaths(tmp_path / "plain").samples)[0]}
     assert all(name.startswith("pixfound-grounding") for name in staged.threads)
@@ -100,7 +102,7 @@ def test_a_failed_grounding_stage_stops_the_run_and_keeps_finished_records(tmp_p
                    samples=samples)
     recomputed = {record_key(i, p) for i, p in second.calls}
     assert not recomputed & kept, "resume recomputed finished records"
-    assert recomputed | kept == set(runner.expected_keys(samples, config.protocols))
+    assert recomputed | kept == set(run_records.expected_keys(samples, config.protocols))
 
 
 def test_an_interrupt_while_generating_lets_the_running_grounding_stage_finish(tmp_path, samples):

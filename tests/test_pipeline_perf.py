@@ -266,7 +266,7 @@ def test_masks_to_rle_equals_mask_to_rle(height, width):
 
 def _pipeline(capture: str, **overrides):
     from pixfound.eval.pipeline import build_pipeline
-    from pixfound.eval.runner import EvalConfig
+    from pixfound.eval.config import EvalConfig
 
     values = dict(model="tiny-llava", capture=capture, selects=("oracle", "similarity"), protocols=(1, 3),
                   device="cpu", dtype="float32", max_new_tokens=8, kernel_backend="torch", progress=False,
@@ -342,7 +342,7 @@ def pipeline_sample(sample, image):
 
 
 def test_sam_dtype_setting_is_validated():
-    from pixfound.eval.runner import EvalConfig
+    from pixfound.eval.config import EvalConfig
 
     assert EvalConfig(sam_dtype="bfloat16").sam_dtype == "bfloat16"
     with pytest.raises(ValueError, match="sam_dtype"):

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from pixfound.eval import report
-from pixfound.eval.runner import EvalConfig, write_json_atomic
+from pixfound.eval.config import EvalConfig
+from pixfound.eval.records import write_json_atomic
 from pixfound.grounding.select import mask_to_rle
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -17,22 +17,10 @@ import numpy as np
 import pytest
 
 from pixfound.data import load_benchmark
-from pixfound.eval import runner
-from pixfound.eval.runner import (
-    ConfigMismatchError,
-    EvalConfig,
-    RecordWriter,
-    RunPaths,
-    Worker,
-    parse_protocols,
-    parse_selects,
-    parse_shard,
-    read_jsonl,
-    record_key,
-    repair_jsonl_tail,
-    run_evaluation,
-    shard_positions,
-)
+from pixfound.eval import records as run_records, runner
+from pixfound.eval.config import EvalConfig, parse_protocols, parse_selects, parse_shard
+from pixfound.eval.records import ConfigMismatchError, RecordWriter, RunPaths, read_jsonl, record_key, repair_jsonl_tail
+from pixfound.eval.runner import Worker, run_evaluation, shard_positions
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -213,7 +201,7 @@ def test_run_writes_every_expected_record_once(tmp_path, synthetic_samples):
     config = _config(tmp_path)
     pipeline = FakePipeline(config)
     summary = run_evaluation(config, pipeline_factory=lambda c: pipeline, samples=synthetic_samples)
-    expected = runner.expected_keys(synthetic_samples, config.protocols)
+    expected = run_records.expected_keys(synthetic_samples, config.protocols)
     records, partial = read_jsonl(RunPaths(tmp_path / "run").samples)
     assert not partial
     assert [r["key"] for r in records] == sorted(expected, key=lambda k: (
@@ -251,7 +239,7 @@ def test_resume_after_a_crash_computes_only_missing_keys_and_matches(tmp_path, s
         run_evaluation(crashed, pipeline_factory=lambda c: FakePipeline(c, fail_after=7), samples=synthetic_samples)
     paths = RunPaths(tmp_path / "crashed")
     first_part = {r["key"] for r in read_jsonl(paths.samples)[0]}
-    assert 0 < len(first_part) < len(runner.expected_keys(synthetic_samples, crashed.protocols))
+    assert 0 < len(first_part) < len(run_records.expected_keys(synthetic_samples, crashed.protocols))
     with open(paths.samples, "a", encoding="utf-8") as handle:  # a record cut off mid-write
         handle.write('{"key": "s3-11#p1", "sample_id": "s3-1')
 
@@ -260,7 +248,7 @@ def test_resume_after_a_crash_computes_only_missing_keys_and_matches(tmp_path, s
                              samples=synthetic_samples)
     recomputed = {record_key(i, p) for i, p in second.calls}
     assert not recomputed & first_part, "resume recomputed finished records"
-    assert recomputed | first_part == set(runner.expected_keys(synthetic_samples, crashed.protocols))
+    assert recomputed | first_part == set(run_records.expected_keys(synthetic_samples, crashed.protocols))
     assert _strip_volatile(resumed) == _strip_volatile(full)
     keys = [r["key"] for r in read_jsonl(paths.samples)[0]]
     assert len(keys) == len(set(keys))
@@ -307,7 +295,7 @@ def test_shard_jobs_split_the_work_and_the_last_one_merges(tmp_path, synthetic_s
         assert all(by_index[sample_id] % 2 == rank for sample_id, _ in pipeline.calls)
     records = read_jsonl(paths.samples)[0]
     keys = [r["key"] for r in records]
-    assert len(keys) == len(set(keys)) == len(runner.expected_keys(synthetic_samples, (1, 2, 3)))
+    assert len(keys) == len(set(keys)) == len(run_records.expected_keys(synthetic_samples, (1, 2, 3)))
     assert not list(paths.root.glob("shards/*.jsonl"))
     reference = run_evaluation(_config(tmp_path, "single"), pipeline_factory=FakePipeline, samples=synthetic_samples)
     assert _strip_volatile(second) == _strip_volatile(reference)
@@ -319,7 +307,7 @@ def test_merge_keeps_one_copy_per_key(tmp_path):
     rows = [{"key": f"s{i}#p2", "sample_id": f"s{i}", "index": i, "protocol": 2} for i in range(4)]
     (paths.shards / "rank-000-of-002.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
     (paths.shards / "rank-001-of-002.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[2:]))
-    merged = runner.merge_records(paths)
+    merged = run_records.merge_records(paths)
     assert [r["key"] for r in merged] == [r["key"] for r in rows]
     assert [r["key"] for r in read_jsonl(paths.samples)[0]] == [r["key"] for r in rows]
 

@@ -38,7 +38,8 @@ import numpy as np
 
 from pixfound.eval import metrics
 from pixfound.eval.prompts import JUDGE_SYSTEM_PROMPT, build_prompt, judge_prompt_for_sample
-from pixfound.eval.runner import EvalConfig, record_key
+from pixfound.eval.config import EvalConfig
+from pixfound.eval.records import record_key
 
 __all__ = [
     "GroundingPipeline",
@@ -692,7 +693,7 @@ def ground_demo(pipeline: GroundingPipeline, image_path: Union[str, pathlib.Path
         "timings": timings,
         "png": str(png),
     }
-    from pixfound.eval.runner import write_json_atomic
+    from pixfound.eval.records import write_json_atomic
 
     write_json_atomic(output.with_suffix(".json"), payload)
     return payload

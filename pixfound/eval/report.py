@@ -409,7 +409,7 @@ def plot_failure_bins(failure: dict, path: pathlib.Path) -> Optional[pathlib.Pat
 
 def write_reports(root: Union[str, pathlib.Path], summary: dict, records: Sequence[dict]) -> dict:
     """Write summary.json, summary.md, failure_bins.png, when.json and when.png into ``root``."""
-    from pixfound.eval.runner import write_json_atomic
+    from pixfound.eval.records import write_json_atomic
     from pixfound.eval.when import plot_when
 
     root = pathlib.Path(root)

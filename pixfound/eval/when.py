@@ -212,7 +212,7 @@ def plot_when(when: dict, path: Union[str, pathlib.Path]) -> pathlib.Path:
 def run_when(run_dir: Union[str, pathlib.Path], *, protocol: Optional[int] = None, judge: Any = None,
              output: Optional[Union[str, pathlib.Path]] = None) -> dict:
     """``pixfound when``: read a run's samples.jsonl, write when.json and when.png (into ``output`` or the run)."""
-    from pixfound.eval.runner import RunPaths, collect_records, write_json_atomic
+    from pixfound.eval.records import RunPaths, collect_records, write_json_atomic
 
     paths = RunPaths(pathlib.Path(run_dir))
     if not paths.root.is_dir():
