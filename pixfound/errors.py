@@ -9,7 +9,7 @@ keeps catching it.
 """
 from __future__ import annotations
 
-__all__ = ["UserError", "DataError", "OutputExistsError"]
+__all__ = ["UserError", "DataError", "JudgeError", "OutputExistsError"]
 
 
 class UserError(ValueError):
@@ -22,3 +22,7 @@ class DataError(UserError):
 
 class OutputExistsError(UserError):
     """A command would overwrite an input or an earlier result; ``--force`` allows it."""
+
+
+class JudgeError(RuntimeError):
+    """A judge request failed; the message names the endpoint and the cause, never the key."""

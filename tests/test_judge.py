@@ -13,6 +13,7 @@ from PIL import Image
 
 from fake_openai_server import FakeOpenAIServer, Reply, chat_reply, error_reply
 from pixfound.eval import judge as judge_mod
+from pixfound.eval.metrics import parse_judge_verdict
 from pixfound.eval.judge import (
     HFJudge,
     JudgeAuthError,
@@ -23,7 +24,6 @@ from pixfound.eval.judge import (
     compose_numbered_grid,
     judge_answer,
     make_judge,
-    parse_yes_no,
 )
 from pixfound.eval.prompts import JUDGE_SYSTEM_PROMPT, judge_prompt
 from pixfound.grounding.phrases import Phrase
@@ -216,10 +216,25 @@ def test_bad_settings_are_rejected(bad, api_key):
 # --------------------------------------------------------------------------- answer grading
 
 
-@pytest.mark.parametrize("reply, expected", [("Yes", True), ("yes.", True), (" NO ", False), ("no...", False),
-                                             ("Yes, it does.", None), ("maybe", None), ("", None)])
-def test_parse_yes_no_follows_the_published_rule(reply, expected):
-    assert parse_yes_no(reply) is expected
+@pytest.mark.parametrize("reply, lenient, published", [
+    ("Yes", True, True), ("yes.", True, True), ("YES.", True, True), ("yes..", True, False), (" yes", True, None),
+    ("yes\n", True, False), (" NO ", False, None), ("no...", False, False), ("Yes, it does.", None, None),
+    ("maybe", None, None), ("", None, None)])
+def test_verdict_rules(reply, lenient, published):
+    """pixfound trims and takes any trailing dots; the published scorer counted exactly "yes" and "yes."."""
+    assert parse_judge_verdict(reply) is lenient
+    assert parse_judge_verdict(reply, rules="published") is published
+
+    def published_scorer(answer):  # pixmmvp/eval/protocol1_accuracy.py, as written
+        import re
+
+        if re.compile(r"^(yes|no)\.*$", re.IGNORECASE).match(answer):
+            grade = answer.lower()
+        else:
+            grade = "Could not determine yes or no."
+        return grade == "yes" or grade == "yes."
+
+    assert bool(parse_judge_verdict(reply, rules="published")) is published_scorer(reply)
 
 
 def test_judge_answer_over_http(server, api_key):
@@ -319,7 +334,7 @@ def _scene():
 def test_select_judge_over_http(server, api_key, choice, expected_index, fallback):
     image, candidates = _scene()
     server.script = [chat_reply("Yes."), chat_reply(choice)]
-    selection = select_judge(candidates, image, " the cat", make_client(server, []))
+    selection = select_judge(candidates, image, "the cat", make_client(server, []))
     assert selection.candidate_index == expected_index
     assert np.array_equal(selection.mask, candidates[expected_index].mask)
     assert selection.info["fallback"] == fallback

@@ -136,7 +136,7 @@ def test_without_overlap_or_when_unsafe_the_stages_run_in_order(tmp_path, sample
 
 
 def test_overlap_is_opt_in_and_not_part_of_the_run_identity():
-    assert EvalConfig(device="cuda").resolved().overlap is False
+    assert EvalConfig().resolved().overlap is False
     assert EvalConfig(device="cpu", overlap=True).identity() == EvalConfig(device="cpu").identity()
     with pytest.raises(ValueError, match="overlap"):
         EvalConfig(overlap="yes")

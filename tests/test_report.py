@@ -32,7 +32,9 @@ def _record(index: int, protocol: int, *, benchmark="synthetic", task=None, corr
         "timings": {"generate_s": 0.5, "sam_decoder_s": 0.25},
     }
     if correct is not None:
-        record.update(correct=correct, parsed_choice="A" if correct else None, correct_method="rule")
+        # protocol 1 graded by a judge, as the paper grades it (a rule-parsed A† has its own column)
+        record.update(correct=correct, parsed_choice="A" if correct else None,
+                      correct_method="judge:openai:gpt-4o" if protocol == 1 else "rule")
     if iou is not None:
         record["grounding"] = {
             "gt_area": 100 if has_expression else 0,

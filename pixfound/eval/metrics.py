@@ -473,16 +473,22 @@ def is_correct(
 _YES_NO = re.compile(r"^(yes|no)\.*$", re.IGNORECASE)
 
 
-def parse_judge_verdict(reply: Optional[str]) -> Optional[bool]:
-    """The protocol-1 judge's verdict: True for "Yes"/"yes.", False for "No", None when unclear.
+def parse_judge_verdict(reply: Optional[str], *, rules: str = "pixfound") -> Optional[bool]:
+    """The protocol-1 grader's verdict: True for yes, False for no, None when unclear.
 
-    As published (``^(yes|no)\\.*$``, case-insensitive), after trimming surrounding white space;
-    the published scorer counts an unclear verdict as wrong.
+    Both rules match ``^(yes|no)\\.*$`` case-insensitively, as published, and an unclear verdict
+    counts as wrong. ``"pixfound"`` trims surrounding white space first and takes any number of
+    trailing dots; ``"published"`` reads the reply as it came and counts only "yes" and "yes."
+    (the published scorer compared the lowercased reply with exactly those two).
     """
     if reply is None:
         return None
     if not isinstance(reply, str):
         raise ValueError(f"judge reply must be a str or None, got {type(reply).__name__}")
+    if rules == "published":
+        if _YES_NO.match(reply) is None:
+            return None
+        return reply.lower() in ("yes", "yes.")
     match = _YES_NO.match(reply.strip())
     if match is None:
         return None

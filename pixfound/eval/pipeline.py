@@ -126,7 +126,7 @@ class GroundingPipeline:
         self.adapter = adapter
         self.segmenter = segmenter
         self.nlp = nlp
-        self.config = config
+        self.config = config.resolved()  # idempotent: every recipe setting decided
         self.vectors = vectors
         self.judge = judge
         if "similarity" in config.selects and vectors is None:
@@ -215,9 +215,18 @@ class GroundingPipeline:
 
     def prompts(self, samples: Sequence[Any], protocol: int) -> list[str]:
         return [build_prompt(s, protocol, vqa_template=self.config.vqa_template,
-                             grounding_template=self.config.grounding_template) for s in samples]
+                             grounding_template=self.config.grounding_template, text=self.config.prompt_text)
+                for s in samples]
 
-    def generate(self, items: Sequence[Any], prompts: Sequence[str], *, capture: Optional[str]) -> tuple[list, float]:
+    def sampling_seed(self, sample_id: Any, protocol: Optional[int]) -> Optional[int]:
+        """The sampling seed of one (sample, protocol) answer: from the run seed and the pair alone, so
+        batch size, shards, ``--overlap`` and resume cannot change it. None when decoding greedily."""
+        from pixfound.models.sampling import row_seed
+
+        return row_seed(self.config.seed, sample_id, protocol) if self.config.do_sample else None
+
+    def generate(self, items: Sequence[Any], prompts: Sequence[str], *, capture: Optional[str],
+                 protocol: Optional[int] = None) -> tuple[list, float]:
         """Generations for (sample-like, prompt) pairs in one batch; returns them and seconds per sample."""
         config = self.config
         started = time.perf_counter()
@@ -226,7 +235,8 @@ class GroundingPipeline:
         generations = self.adapter.generate(
             list(items), list(prompts), max_new_tokens=config.max_new_tokens, capture=capture,
             batch_size=len(items), first_token_row=config.first_token_row, do_sample=config.do_sample,
-            temperature=config.temperature, seed=config.seed if config.do_sample else None,
+            temperature=config.temperature, top_k=config.top_k or None, seed=config.seed,
+            sample_seeds=[self.sampling_seed(item.id, protocol) for item in items] if config.do_sample else None,
             backend=config.kernel_backend, prefixes=prefixes, cudnn_attention=config.cudnn_attention,
             kv_cache=config.kv_cache,
         )
@@ -248,7 +258,8 @@ class GroundingPipeline:
             items.append(_CachedImageSample(str(sample.id), image))
         prompts = self.prompts(samples, protocol)
         grounds = protocol in (1, 3)
-        generations, generate_share = self.generate(items, prompts, capture=self.config.capture if grounds else None)
+        generations, generate_share = self.generate(items, prompts, capture=self.config.capture if grounds else None,
+                                                    protocol=protocol)
         for sample, generation in zip(samples, generations):
             if generation.sample_id != str(sample.id):
                 raise RuntimeError(f"generation for {generation.sample_id!r} came back for sample {sample.id!r}")
@@ -283,7 +294,8 @@ class GroundingPipeline:
                 first_use = sample.id not in encoded_now
                 encoded_now.add(sample.id)
                 timings["sam_encoder_s"] = encoder_share if first_use else 0.0
-                result = self.ground(image, generation, sample_id=str(sample.id), expression=sample.expression,
+                result = self.ground(image, generation, sample_id=str(sample.id),
+                                     expression=self.similarity_expression(sample),
                                      gt_mask=self._gt_mask(sample, image), embedding=self._embeddings[sample.id],
                                      timings=timings, prepared=ready)
                 record["grounding"] = self._grounding_record(result, sample, image, timings)
@@ -316,21 +328,37 @@ class GroundingPipeline:
         from pixfound.grounding.phrases import phrases_from_generations
 
         started = time.perf_counter()
-        parsed = phrases_from_generations(generations, self._phrase_tokenizer, self.nlp)
+        parsed = phrases_from_generations(generations, self._phrase_tokenizer, self.nlp, mean=self.config.map_mean,
+                                          zero_flat=self.config.zero_flat_maps)
         parse_share = (time.perf_counter() - started) / max(1, len(generations))
         prepared = [self._phrase_points(generation, phrases, maps, parse_share)
                     for generation, (phrases, maps) in zip(generations, parsed)]
         if "similarity" in self.config.selects and self.vectors is not None:
-            from pixfound.grounding.similarity import normalize_phrase
-
+            normalize = self.phrase_normalizer
             started = time.perf_counter()
-            texts = [normalize_phrase(s.expression) for s in samples if isinstance(s.expression, str) and s.expression.strip()]
-            texts += [normalize_phrase(str(p.text)) for ready in prepared for p in ready.phrases]
+            texts = [normalize(self.similarity_expression(s)) for s in samples if self.similarity_expression(s)]
+            texts += [normalize(str(p.text)) for ready in prepared for p in ready.phrases]
             self.vectors.prefetch(texts)
             share = (time.perf_counter() - started) / max(1, len(samples))
             for ready in prepared:
                 ready.vectors_s = share
         return prepared
+
+    @property
+    def phrase_normalizer(self) -> Any:
+        """How phrases and expressions are normalised before their vectors are taken (--article-rule)."""
+        from pixfound.grounding.similarity import PHRASE_NORMALIZERS
+
+        return PHRASE_NORMALIZERS[self.config.article_rule]
+
+    def similarity_expression(self, sample: Any) -> Optional[str]:
+        """The expression text that similarity compares with: the benchmark's raw cell under
+        ``--prompt-text raw`` (as the published script read it), else the sample's expression."""
+        expression = getattr(sample, "expression", None)
+        if not isinstance(expression, str) or not expression.strip():
+            return None
+        raw = (getattr(sample, "meta", None) or {}).get("raw_expression")
+        return raw if self.config.prompt_text == "raw" and isinstance(raw, str) else expression
 
     def _phrase_points(self, generation: Any, phrases: list, maps: Any, phrases_s: float) -> "PreparedGrounding":
         """Each phrase's point prompt(s)."""
@@ -356,15 +384,23 @@ class GroundingPipeline:
             "pair_index": sample.pair_index,
             "has_expression": bool(sample.has_expression),
             "expression": sample.expression,
+            "options": list(sample.options),
+            # the image's file stem: the {image} of the published file names (pixfound export)
+            "image": pathlib.Path(sample.image_path).stem if getattr(sample, "image_path", None) else str(sample.id),
             "image_hw": [height, width],
             "prompt": prompt,
             "answer": generation.text,
             "token_ids": [int(t) for t in generation.token_ids],
             "generation": {
+                "recipe": config.recipe,
                 "max_new_tokens": config.max_new_tokens,
                 "do_sample": config.do_sample,
                 "temperature": config.temperature if config.do_sample else None,
+                "top_k": config.top_k if config.do_sample else None,
                 "seed": config.seed if config.do_sample else None,
+                "sample_seed": self.sampling_seed(sample.id, protocol),
+                # whether the answer ended by EOS (else it ran into max_new_tokens)
+                "stopped": generation.stop_map is not None if generation.maps is not None else None,
                 "capture": config.capture if protocol in (1, 3) else None,
                 "first_token_row": config.first_token_row,
                 "vqa_template": config.vqa_template,
@@ -375,19 +411,31 @@ class GroundingPipeline:
         }
 
     def _score_answer(self, sample: Any, protocol: int, reply: str, timings: dict) -> dict:
-        style = self.config.parse_style
+        """Correctness of an answer: protocol 2 and ungraded protocol 1 by the rule-based parser;
+        protocol 1 by the judge with the published grading prompt when one is configured."""
+        from pixfound.errors import JudgeError
+
+        config = self.config
         letter = metrics.normalize_letter(sample.answer, sample.options)
-        parsed = metrics.parse_choice(reply, sample.options, style=style)
-        out: dict[str, Any] = {"answer_letter": letter, "parsed_choice": parsed}
-        if protocol == 1 and self.judge is not None:
+        parsed = metrics.parse_choice(reply, sample.options, style=config.parse_style)
+        out: dict[str, Any] = {"answer_letter": letter, "parsed_choice": parsed,
+                               "correct": parsed == letter, "correct_method": "rule"}
+        if protocol == 1 and self.judge is not None and config.accuracy_grader == "judge":
+            published = config.judge_rules == "published"
+            question = judge_prompt_for_sample(sample, reply, text=config.prompt_text, image_line=published)
             started = time.perf_counter()
-            judge_reply = self.judge.ask([], judge_prompt_for_sample(sample, reply), system=JUDGE_SYSTEM_PROMPT)
+            try:
+                judge_reply = self.judge.ask([], question, system=JUDGE_SYSTEM_PROMPT)
+            except JudgeError as error:
+                # The run goes on; the record says this answer fell back to the rule-based parse.
+                out["judge_error"] = str(error)
+                logger.warning("sample %s: the judge failed to grade the answer (%s); graded by rule instead",
+                               sample.id, error)
+            else:
+                verdict = metrics.parse_judge_verdict(judge_reply, rules=config.judge_rules)
+                out.update(correct=verdict is True, correct_method=f"judge:{getattr(self.judge, 'name', 'judge')}",
+                           judge_reply=judge_reply, judge_verdict=verdict)
             timings["judge_answer_s"] = time.perf_counter() - started
-            verdict = metrics.parse_judge_verdict(judge_reply)
-            out.update(correct=verdict is True, correct_method=f"judge:{getattr(self.judge, 'name', 'judge')}",
-                       judge_reply=judge_reply, judge_verdict=verdict)
-        else:
-            out.update(correct=parsed == letter, correct_method="rule")
         return out
 
     def _gt_mask(self, sample: Any, image: Any) -> Optional[np.ndarray]:
@@ -448,14 +496,15 @@ class GroundingPipeline:
         for strategy in (config.selects if selects is None else selects):
             if strategy == "oracle":
                 if gt_mask is not None:
-                    selections[strategy] = select_oracle(candidates, gt_mask)
+                    selections[strategy] = select_oracle(candidates, gt_mask, ties=config.oracle_ties)
             elif expression is None:
                 selections[strategy] = _empty_selection(strategy, (height, width), "no_expression")
             elif strategy == "similarity":
                 selections[strategy] = select_similarity(candidates, phrases, expression, self.vectors,
-                                                         image_size=(height, width))
+                                                         image_size=(height, width), pick=config.similarity_pick,
+                                                         normalize=self.phrase_normalizer)
             elif strategy == "judge":
-                selections[strategy] = select_judge(candidates, image, expression, self.judge)
+                selections[strategy] = select_judge(candidates, image, expression, self.judge, rules=config.judge_rules)
             else:
                 raise ValueError(f"unknown selection strategy {strategy!r}")
         # this sample's share of the batch's phrase-vector call counts as selection time
@@ -499,7 +548,8 @@ class GroundingPipeline:
             entry["mask_rle"] = (rles[chosen.row] if rles is not None and chosen is not None
                                  else mask_to_rle(selection.mask))
             pred_area = int(np.count_nonzero(selection.mask))
-            iou = None if gt is None else metrics.iou(selection.mask, gt)
+            # A missing prediction (no mask file for the published evaluation to read) scores 0.
+            iou = None if gt is None else (0.0 if selection.missing else metrics.iou(selection.mask, gt))
             entry.update(
                 iou=iou,
                 pred_area=pred_area,
@@ -653,7 +703,8 @@ def ground_demo(pipeline: GroundingPipeline, image_path: Union[str, pathlib.Path
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("--prompt must be a non-empty text")
     item = _CachedImageSample(path.stem, image)
-    generations, _ = pipeline.generate([item], [prompt], capture=pipeline.config.capture)
+    expression = expression.strip() if expression else None
+    generations, _ = pipeline.generate([item], [prompt], capture=pipeline.config.capture, protocol=1)
     generation = generations[0]
     strategy = None
     if expression:

@@ -47,6 +47,8 @@ __all__ = [
 ]
 
 PROTOCOL2_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+# LLaVA's image placeholder line, which the published answers file kept at the start of each prompt.
+IMAGE_LINE = "<image>\n"
 DEFAULT_GROUNDING_TEMPLATE = "Identify {} in the scene."
 # System message of the published protocol-1 grader (pixmmvp/eval/protocol1_accuracy.py).
 JUDGE_SYSTEM_PROMPT = (
@@ -226,15 +228,20 @@ def _grounding_slot_check(text: str) -> None:
         )
 
 
-def render_grounding_template(template: Union[int, str], expression: str) -> str:
-    """A grounding prompt: ``template`` (1-based index or string with ``{}`` / ``{expression}``) filled in."""
+def render_grounding_template(template: Union[int, str], expression: str, *, raw: bool = False) -> str:
+    """A grounding prompt: ``template`` (1-based index or string with ``{}`` / ``{expression}``) filled in.
+
+    The expression is trimmed, unless ``raw`` (the published scripts format the CSV cell as read,
+    leading space included: ``"Identify  the dog in the scene."``).
+    """
     text = grounding_template(template) if isinstance(template, int) and not isinstance(template, bool) else template
     if not isinstance(text, str):
         raise ValueError(f"grounding_template must be a 1-based index or a template string, got {template!r}")
     _grounding_slot_check(text)
     if not isinstance(expression, str) or not expression.strip():
         raise ValueError(f"expression must be a non-empty str, got {expression!r}")
-    return text.format(expression.strip(), expression=expression.strip())
+    value = expression if raw else expression.strip()
+    return text.format(value, expression=value)
 
 
 # -------------------------------------------------------------------------------------------- build
@@ -258,6 +265,16 @@ def _sample_fields(sample: Any) -> tuple[str, list[str], Optional[str], str]:
     return question.strip(), list(options), own_prompt, sample_id
 
 
+PromptText = str  # "normalized" | "raw"
+
+
+def _raw_meta(sample: Any, *keys: str) -> Optional[tuple[str, ...]]:
+    """The benchmark's raw cells ``keys`` from ``sample.meta``, or None when the loader kept none."""
+    meta = getattr(sample, "meta", None) or {}
+    values = tuple(meta.get(key) for key in keys)
+    return values if all(isinstance(v, str) for v in values) else None
+
+
 def build_prompt(
     sample: Any,
     protocol: int,
@@ -266,6 +283,7 @@ def build_prompt(
     grounding_template: TemplateArg = None,
     instruction: str = PROTOCOL2_INSTRUCTION,
     decode_template_escapes: bool = False,
+    text: PromptText = "normalized",
 ) -> str:
     """The text prompt for ``sample`` under protocol 1, 2 or 3.
 
@@ -278,27 +296,41 @@ def build_prompt(
       forms and ``". " + instruction`` is appended, as in the published CV-Bench sweep.
     - ``grounding_template`` (1-based index or string with ``{}``/``{expression}``) changes
       protocol 3 only; the default is :data:`DEFAULT_GROUNDING_TEMPLATE`.
+    - ``text="raw"`` builds the prompt from the benchmark's cells exactly as the published scripts
+      read them with pandas (``meta["raw_question"]``, ``["raw_options"]``, ``["raw_expression"]``,
+      kept by the PixMMVP loader): protocol 1 is ``question + " " + options`` untrimmed, protocol 2
+      starts with the untrimmed question, protocol 3 formats the expression cell with its leading
+      space and doubled quotes. Samples without raw cells (synthetic, CV-Bench) use their own text.
 
     Protocol 3 on a sample without an expression raises ``ValueError``: there is nothing to ground,
     and the runner skips protocol 3 for such samples.
     """
     if isinstance(protocol, bool) or protocol not in (1, 2, 3):
         raise ValueError(f"protocol must be 1, 2 or 3, got {protocol!r}")
+    if text not in ("normalized", "raw"):
+        raise ValueError(f"text must be 'normalized' or 'raw', got {text!r}")
+    raw = text == "raw"
     if protocol == 3:
         expression = getattr(sample, "expression", None)
         sample_id = str(getattr(sample, "id", "?"))
         if expression is None:
             raise ValueError(f"sample {sample_id} has no referring expression; protocol 3 does not apply to it")
+        raw_cell = _raw_meta(sample, "raw_expression") if raw else None
         template = DEFAULT_GROUNDING_TEMPLATE if grounding_template is None else grounding_template
         try:
+            if raw_cell is not None:
+                return render_grounding_template(template, raw_cell[0], raw=True)
             return render_grounding_template(template, expression)
         except ValueError as error:
-            raise ValueError(f"sample {sample_id}: {error}") from error
+            raise ValueError(f"sample {sample_id}: {error}") from None
 
     question, options, own_prompt, sample_id = _sample_fields(sample)
+    raw_cells = _raw_meta(sample, "raw_question", "raw_options") if raw and own_prompt is None else None
     if protocol == 1:
         if own_prompt is not None:
             return own_prompt
+        if raw_cells is not None:
+            return f"{raw_cells[0]} {raw_cells[1]}"
         return f"{question} {format_options_inline(options)}"
 
     if not isinstance(instruction, str):
@@ -306,11 +338,12 @@ def build_prompt(
     if vqa_template is None:
         if own_prompt is not None:
             return f"{own_prompt}\n{instruction}"
-        return f"{question} Options:\n{format_options_lines(options)}\n{instruction}"
+        lead = raw_cells[0] if raw_cells is not None else question
+        return f"{lead} Options:\n{format_options_lines(options)}\n{instruction}"
 
     if own_prompt is not None:
         choices = _choices_block(options)
-        missing = [name for name, text in (("question", question), ("choices", choices)) if text not in own_prompt]
+        missing = [name for name, value in (("question", question), ("choices", choices)) if value not in own_prompt]
         if missing:
             raise ValueError(
                 f"sample {sample_id}: cannot apply a VQA template, the {' and '.join(missing)} "
@@ -345,11 +378,14 @@ def judge_prompt(question: str, correct_answer: str, response: str) -> str:
     )
 
 
-def judge_prompt_for_sample(sample: Any, response: str) -> str:
+def judge_prompt_for_sample(sample: Any, response: str, *, text: PromptText = "normalized",
+                            image_line: bool = False) -> str:
     """:func:`judge_prompt` for a sample's protocol-1 reply.
 
-    The question is the protocol-1 prompt; the correct answer is the letter labelled as in that
-    prompt: ``"(a)"`` for MMVP-style options, ``"(A)"`` for a benchmark's own prompt (CV-Bench).
+    The question is the protocol-1 prompt (built with ``text``); the correct answer is the letter
+    labelled as in that prompt: ``"(a)"`` for MMVP-style options, ``"(A)"`` for a benchmark's own
+    prompt (CV-Bench). ``image_line`` starts the question with ``"<image>\\n"``, as the published
+    grader read it from the answers file (LLaVA's prompt with its image placeholder).
     """
     question, options, own_prompt, sample_id = _sample_fields(sample)
     try:
@@ -357,4 +393,5 @@ def judge_prompt_for_sample(sample: Any, response: str) -> str:
     except ValueError as error:
         raise ValueError(f"sample {sample_id}: {error}") from error
     label = f"({letter})" if own_prompt is not None else f"({letter.lower()})"
-    return judge_prompt(build_prompt(sample, 1), label, response)
+    prompt = build_prompt(sample, 1, text=text)
+    return judge_prompt(f"{IMAGE_LINE}{prompt}" if image_line else prompt, label, response)

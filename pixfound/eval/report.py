@@ -32,6 +32,8 @@ __all__ = [
     "STAGES",
     "TABLE_COLUMNS",
     "accuracy_block",
+    "context_lines",
+    "format_summary",
     "format_table",
     "load_summary",
     "merge_runs",
@@ -53,7 +55,11 @@ logger = logging.getLogger("pixfound.eval")
 STAGES = ("io", "generate", "capture", "phrases", "upsample_peak", "sam_encoder", "sam_decoder", "selection",
           "judge_answer")
 TABLE_COLUMNS = ("A_dagger", "A", "M_dagger", "M", "S")
-_COLUMN_TITLES = {"A_dagger": "A†", "A": "A", "M_dagger": "M†", "M": "M", "S": "S"}
+# Shown only where a run has it: protocol-1 accuracy parsed by rule, not graded as the paper grades it.
+RULE_COLUMN = "A_dagger_rule"
+_COLUMN_TITLES = {"A_dagger": "A†", "A_dagger_rule": "A† rule", "A": "A", "M_dagger": "M†", "M": "M", "S": "S"}
+A_RULE_NOTE = ("A† rule: protocol-1 answers parsed by rule because no grader was given (--judge); the paper's A† "
+               "is graded by GPT-4o with the published prompt, so this number is not comparable and S leaves it out.")
 PAIRED_BENCHMARKS = ("pixmmvp", "synthetic")
 
 
@@ -104,6 +110,7 @@ def accuracy_block(records: Sequence[dict]) -> Optional[dict]:
         per_task[task] = None if task_value is None else {
             "accuracy": task_value.accuracy, "correct": task_value.correct, "total": task_value.total}
     methods = sorted({str(r.get("correct_method")) for r in records})
+    judged = sum(1 for r in records if str(r.get("correct_method", "")).startswith("judge"))
     return {
         "accuracy": None if overall is None else overall.accuracy,
         "correct": None if overall is None else overall.correct,
@@ -115,6 +122,9 @@ def accuracy_block(records: Sequence[dict]) -> Optional[dict]:
         "unparsed_answers": sum(1 for r in records if r.get("parsed_choice") is None and r.get("correct_method") == "rule"),
         "judge_unclear": sum(1 for r in records if r.get("judge_verdict") is None and str(r.get("correct_method", "")).startswith("judge")),
         "method": methods[0] if len(methods) == 1 else methods,
+        # "judge" only when every answer was graded by the judge: then it is the paper's kind of number
+        "graded_by": "judge" if judged == len(records) else ("rule" if judged == 0 else "mixed"),
+        "judge_fallbacks": sum(1 for r in records if r.get("judge_error")),
         "per_task": per_task,
     }
 
@@ -202,14 +212,34 @@ def _timings(records: Sequence[dict]) -> dict:
     }
 
 
+def coverage_block(benchmark_total: int, evaluated: int, skipped: Sequence[Any], limit: Optional[int],
+                   records: int, expected_records: int) -> dict:
+    """How many of the benchmark's samples a run scored, and why not all of them."""
+    partial = evaluated < benchmark_total or records < expected_records
+    parts = []
+    if skipped:
+        parts.append(f"{len(skipped)} skipped: see summary.json")
+    if limit is not None and evaluated < benchmark_total - len(skipped):
+        parts.append(f"--limit {limit}")
+    if records < expected_records:
+        parts.append(f"{expected_records - records} record(s) missing: run again with --resume")
+    text = f"{evaluated} of {benchmark_total} samples scored" + (f" ({'; '.join(parts)})" if parts else "")
+    return {"benchmark_samples": benchmark_total, "evaluated": evaluated, "skipped": len(skipped), "limit": limit,
+            "records": records, "expected_records": expected_records, "partial": partial, "text": text}
+
+
 def table_rows(summary: dict) -> list[dict]:
     """The A† / A / M† / M / S rows (percent) of a summary, one per selection strategy."""
     return list(summary.get("table", []))
 
 
 def summarize(records: Sequence[dict], *, config: Any = None, components: Optional[dict] = None,
-              expected: Optional[int] = None) -> dict:
-    """``summary.json`` content from a run's records (see the module docstring)."""
+              expected: Optional[int] = None, coverage: Optional[dict] = None) -> dict:
+    """``summary.json`` content from a run's records (see the module docstring).
+
+    ``coverage`` says how many of the benchmark's samples the numbers stand on
+    (:func:`coverage_block`); it is shown beside every table of the run.
+    """
     from pixfound.eval.when import when_analysis
 
     records = sorted(records, key=lambda r: (int(r["index"]), int(r["protocol"]), str(r["sample_id"])))
@@ -227,20 +257,24 @@ def summarize(records: Sequence[dict], *, config: Any = None, components: Option
         block = accuracy.get(f"p{p}")
         return None if not block else block["accuracy"]
 
+    p1_block = accuracy.get("p1")
+    p1_graded = bool(p1_block) and p1_block["graded_by"] == "judge"
+
     def mio(p: int, s: str) -> Optional[float]:
         block = (miou.get(f"p{p}") or {}).get(s)
         return None if not block else block["miou"]
 
     model = config_dict.get("model") or (components or {}).get("model", {}).get("name")
     rows = []
-    for strategy in selects:
-        a1, a2, m1, m3 = (_pct(acc(1)), _pct(acc(2)), _pct(mio(1, strategy)), _pct(mio(3, strategy)))
+    a1_value = _pct(acc(1))
+    # A rule-parsed A† gets its own column and stays out of S: only graded answers are the paper's A†.
+    a1, a1_rule = (a1_value, None) if p1_graded or a1_value is None else (None, a1_value)
+    for strategy in (selects or [None]):
+        a2 = _pct(acc(2))
+        m1, m3 = (_pct(mio(1, strategy)), _pct(mio(3, strategy))) if strategy else (None, None)
         rows.append({"model": model, "benchmark": config_dict.get("benchmark"), "select": strategy,
-                     "A_dagger": a1, "A": a2, "M_dagger": m1, "M": m3, "S": metrics.s_score(a1, a2, m1, m3)})
-    if not selects:
-        a1, a2 = _pct(acc(1)), _pct(acc(2))
-        rows.append({"model": model, "benchmark": config_dict.get("benchmark"), "select": None,
-                     "A_dagger": a1, "A": a2, "M_dagger": None, "M": None, "S": None})
+                     "A_dagger": a1, RULE_COLUMN: a1_rule, "A": a2, "M_dagger": m1, "M": m3,
+                     "S": metrics.s_score(a1, a2, m1, m3)})
     failure = {s: _failure_bins(by_protocol, s) for s in selects}
     return {
         "schema": 1,
@@ -248,7 +282,9 @@ def summarize(records: Sequence[dict], *, config: Any = None, components: Option
         "model": model,
         "benchmark": config_dict.get("benchmark"),
         "config": config_dict,
+        "recipe_overrides": config.recipe_overrides() if hasattr(config, "recipe_overrides") else {},
         "components": components or {},
+        "coverage": coverage,
         "counts": {
             "samples": len(samples),
             "with_expression": sum(1 for r in samples.values() if r.get("has_expression")),
@@ -277,11 +313,25 @@ def _fmt(value: Optional[float]) -> str:
     return "–" if value is None else f"{value:.1f}"
 
 
-def format_table(rows: Sequence[dict], *, extra_columns: Sequence[str] = ()) -> str:
-    """Plain-text table (for stdout) of A† / A / M† / M / S rows."""
-    header = ["model", "benchmark", "select", *extra_columns, *(_COLUMN_TITLES[c] for c in TABLE_COLUMNS)]
+def _score_columns(rows: Sequence[dict]) -> list[str]:
+    """The score columns of a table: A† rule appears only where some row has one."""
+    columns = list(TABLE_COLUMNS)
+    if any(r.get(RULE_COLUMN) is not None for r in rows):
+        columns.insert(1, RULE_COLUMN)
+    return columns
+
+
+def _table_cells(rows: Sequence[dict], extra_columns: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+    columns = _score_columns(rows)
+    header = ["model", "benchmark", "select", *extra_columns, *(_COLUMN_TITLES[c] for c in columns)]
     body = [[str(r.get("model") or "–"), str(r.get("benchmark") or "–"), str(r.get("select") or "–"),
-             *(str(r.get(c, "–")) for c in extra_columns), *(_fmt(r.get(c)) for c in TABLE_COLUMNS)] for r in rows]
+             *(str(r.get(c, "–")) for c in extra_columns), *(_fmt(r.get(c)) for c in columns)] for r in rows]
+    return header, body
+
+
+def format_table(rows: Sequence[dict], *, extra_columns: Sequence[str] = ()) -> str:
+    """Plain-text table (for stdout) of A† / A / M† / M / S rows (and A† rule where there is one)."""
+    header, body = _table_cells(rows, extra_columns)
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in [header, *body]]
     lines.insert(1, "  ".join("-" * width for width in widths))
@@ -289,13 +339,39 @@ def format_table(rows: Sequence[dict], *, extra_columns: Sequence[str] = ()) -> 
 
 
 def _markdown_table(rows: Sequence[dict], extra_columns: Sequence[str] = ()) -> str:
-    header = ["model", "benchmark", "select", *extra_columns, *(_COLUMN_TITLES[c] for c in TABLE_COLUMNS)]
+    header, body = _table_cells(rows, extra_columns)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for r in rows:
-        cells = [str(r.get("model") or "–"), str(r.get("benchmark") or "–"), str(r.get("select") or "–"),
-                 *(str(r.get(c, "–")) for c in extra_columns), *(_fmt(r.get(c)) for c in TABLE_COLUMNS)]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines)
+
+
+def context_lines(summary: dict) -> list[str]:
+    """What a reader of the table must know beside it: random weights, the recipe and what differs
+    from it, an A† that is rule-parsed, how many samples the numbers stand on."""
+    lines = []
+    components = summary.get("components") or {}
+    config = summary.get("config") or {}
+    if components.get("random_weights"):
+        lines.append("RANDOM WEIGHTS: tiny random models; these numbers only show that the pipeline runs.")
+    if config.get("recipe"):
+        overrides = summary.get("recipe_overrides") or {}
+        lines.append(f"recipe: {config['recipe']}"
+                     + (f" (changed: {', '.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else ""))
+    if any(r.get(RULE_COLUMN) is not None for r in summary.get("table", [])):
+        lines.append(A_RULE_NOTE)
+    p1 = (summary.get("accuracy") or {}).get("p1") or {}
+    if p1.get("judge_fallbacks"):
+        lines.append(f"{p1['judge_fallbacks']} protocol-1 answer(s) fell back to the rule parse because the judge "
+                     "failed (records: judge_error)")
+    coverage = summary.get("coverage")
+    if coverage:
+        lines.append(coverage["text"])
+    return lines
+
+
+def format_summary(summary: dict) -> str:
+    """The stdout report of a run: the table and its context lines."""
+    return "\n".join([format_table(summary.get("table", [])), *context_lines(summary)])
 
 
 def render_markdown(summary: dict) -> str:
@@ -307,6 +383,9 @@ def render_markdown(summary: dict) -> str:
         lines += ["> **Random weights.** This run used tiny random models: its numbers only show that the "
                   "pipeline works. For real results pass e.g. `--model llava-hf/llava-1.5-7b-hf --benchmark "
                   "pixmmvp --data-root DIR --sam-model vit_h --sam-checkpoint sam_vit_h_4b8939.pth`.", ""]
+    coverage = summary.get("coverage")
+    if coverage and coverage.get("partial"):
+        lines += [f"> **Partial.** {coverage['text']}", ""]
     model = components.get("model") or {}
     sam = components.get("sam") or {}
     spacy = components.get("spacy") or {}
@@ -338,8 +417,10 @@ def render_markdown(summary: dict) -> str:
     graded = (summary.get("accuracy") or {}).get("p1")
     if graded:
         method = graded["method"]
-        lines += [f"A† graded by: {'the rule-based letter/option parser (no judge given)' if method == 'rule' else method}"
+        lines += [f"Protocol-1 answers graded by: "
+                  f"{'the rule-based letter/option parser (no judge given)' if method == 'rule' else method}"
                   f" ({graded['questions_correct']} of {graded['questions']} answers correct).", ""]
+    lines += [f"- {line}" for line in context_lines(summary)] + [""]
     counts = summary.get("counts") or {}
     lines += [f"Samples: {counts.get('samples')} ({counts.get('with_expression')} with a referring expression); "
               f"records: {counts.get('records')} of {counts.get('expected_records')} expected.", ""]

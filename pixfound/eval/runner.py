@@ -323,16 +323,23 @@ def select_samples(all_samples: Sequence[Any], limit: Optional[int]) -> list[Any
     return list(all_samples[:limit]) if limit is not None else list(all_samples)
 
 
-def finalize_run(paths: RunPaths, samples: Sequence[Any], config: EvalConfig, *, extra: Optional[dict] = None) -> dict:
-    """Merge record files, build summary.json / summary.md / plots; return the summary."""
+def finalize_run(paths: RunPaths, samples: Sequence[Any], config: EvalConfig, *, extra: Optional[dict] = None,
+                 benchmark_total: Optional[int] = None, skipped: Sequence[Any] = ()) -> dict:
+    """Merge record files, build summary.json / summary.md / plots; return the summary.
+
+    ``benchmark_total`` is the number of samples the benchmark holds (loaded + ``skipped``), so
+    that every table can say how many of them the numbers stand on.
+    """
     from pixfound.eval import report
 
     keys = set(expected_keys(samples, config.protocols))
     merged = merge_records(paths, keep=keys)
     selected = [r for r in merged if r["key"] in keys]
     run_info = json.loads(paths.run_json.read_text(encoding="utf-8")) if paths.run_json.exists() else {}
+    total = len(samples) if benchmark_total is None else benchmark_total
+    coverage = report.coverage_block(total, len(samples), list(skipped), config.limit, len(selected), len(keys))
     summary = report.summarize(selected, config=config, components=run_info.get("components", {}),
-                               expected=len(keys))
+                               expected=len(keys), coverage=coverage)
     summary["run"] = {
         "output": str(paths.root),
         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -405,6 +412,8 @@ def _run(config: EvalConfig, worker: Worker, group: _ProcessGroup, pipeline_fact
         paths = prepare_output_dir(config, worker)
     benchmark_samples = samples if samples is not None else load_samples(config)
     skipped = report_skipped(benchmark_samples)
+    skipped_ids = sorted(set(getattr(benchmark_samples, "skipped_ids", [])))
+    totals = {"benchmark_total": len(benchmark_samples) + len(skipped_ids), "skipped": skipped_ids}
     selected = select_samples(benchmark_samples, config.limit)
     if not selected:
         raise ValueError(f"benchmark {config.benchmark!r} gave no samples to evaluate")
@@ -468,15 +477,15 @@ def _run(config: EvalConfig, worker: Worker, group: _ProcessGroup, pipeline_fact
         group.barrier()  # every rank's shard is complete
         if not worker.is_main:
             return None
-        return finalize_run(paths, selected, config, extra=extra)
+        return finalize_run(paths, selected, config, extra=extra, **totals)
     if worker.kind == "shard":
         paths.shard_done(worker).write_text(json.dumps({"records_written": written}), encoding="utf-8")
-        return _merge_if_last(paths, selected, config, worker, extra)
-    return finalize_run(paths, selected, config, extra=extra)
+        return _merge_if_last(paths, selected, config, worker, extra, totals)
+    return finalize_run(paths, selected, config, extra=extra, **totals)
 
 
 def _merge_if_last(paths: RunPaths, selected: Sequence[Any], config: EvalConfig, worker: Worker,
-                   extra: dict) -> Optional[dict]:
+                   extra: dict, totals: dict) -> Optional[dict]:
     """For ``--shard`` jobs: the job that finds every shard done merges (under an exclusive lock file)."""
     done_markers = [paths.shards / f"shard-{i:03d}-of-{worker.world:03d}.done" for i in range(worker.world)]
     if not all(marker.exists() for marker in done_markers):
@@ -492,7 +501,7 @@ def _merge_if_last(paths: RunPaths, selected: Sequence[Any], config: EvalConfig,
         logger.info("another shard job is merging")
         return None
     try:
-        summary = finalize_run(paths, selected, config, extra=extra)
+        summary = finalize_run(paths, selected, config, extra=extra, **totals)
         for marker in done_markers:
             marker.unlink(missing_ok=True)
         return summary

@@ -24,6 +24,7 @@ __all__ = [
     "CONCEPT_CATEGORIES",
     "categorize_concepts",
     "concept_prompt",
+    "parse_categories_published",
     "oracle_phrases",
     "parse_category",
     "plot_when",
@@ -124,8 +125,28 @@ def when_analysis(records: Sequence[dict], protocol: Optional[int] = None) -> Op
 # ---------------------------------------------------------------------------------------------
 
 
-def concept_prompt(phrase: str, answer: str, expression: Optional[str]) -> str:
-    """The question that sorts one oracle phrase into a concept category (answer: a number)."""
+CONCEPT_PROMPTS = ("published", "pixfound")
+# The published concept question (pixmmvp/eval/gpt_concept_when.py), its system message, verbatim.
+PUBLISHED_CONCEPT_QUESTION = (
+    "Can you classify the following noun phrase belongs to which of these 6 concepts: (a) Color and appearance, "
+    "(b) Location and position, (c) Object part, (d) Context or setting, (e) Objects/entities, (f) State. Please "
+    "respond with one or two letters and provide letters only. You will be given the noun phrase and the "
+    "correponding full context."
+)
+PUBLISHED_CONCEPT_SYSTEM = ("You are a helpful and precise assistant for providing the main concept of the noun "
+                            "phrase of interest.")
+
+
+def concept_prompt(phrase: str, answer: str, expression: Optional[str], *, wording: str = "pixfound") -> str:
+    """The question that sorts one oracle phrase into concept categories.
+
+    ``"published"``: the published question, letters (a)-(f), one or two of them, followed by
+    ``: 'PHRASE', 'ANSWER'. `` with the answer's line breaks turned into spaces, as the published
+    meta file stored it (the expression is not shown). ``"pixfound"``: numbered categories, one
+    answer, with the expression named.
+    """
+    if wording == "published":
+        return PUBLISHED_CONCEPT_QUESTION + f": '{phrase}', '{answer.replace(chr(10), ' ')}'. "
     listing = " ".join(f"{i}. {name}" for i, name in enumerate(CONCEPT_CATEGORIES, start=1))
     target = f' It is the phrase whose location best matches "{expression.strip()}".' if expression else ""
     return (
@@ -152,22 +173,52 @@ def parse_category(reply: str) -> Optional[str]:
     return None
 
 
-def categorize_concepts(items: Sequence[dict], judge: Any) -> dict:
-    """Ask ``judge`` (``ask(images, prompt)``) for the concept category of every oracle phrase."""
+def parse_categories_published(reply: str) -> Optional[list[str]]:
+    """The categories of a reply to the published question, read as the published counting did:
+    lowercase, split at commas, parentheses dropped, each piece a letter a-f, else its first word.
+
+    Returns the categories (one or two), or None where the published script would have stopped
+    with a KeyError (a piece that is no letter).
+    """
+    letters = "abcdef"
+    found = []
+    for piece in reply.lower().split(","):
+        piece = piece.replace("(", "").replace(")", "")
+        key = piece.strip() if piece.strip() in letters and piece.strip() else piece.split(" ")[0].strip()
+        if len(key) != 1 or key not in letters:
+            return None
+        found.append(CONCEPT_CATEGORIES[letters.index(key)])
+    return found
+
+
+def categorize_concepts(items: Sequence[dict], judge: Any, *, wording: str = "pixfound") -> dict:
+    """Ask ``judge`` (``ask(images, prompt)``) for the concept category of every oracle phrase.
+
+    With the published wording a reply may name two categories, and both are counted, as published.
+    """
+    if wording not in CONCEPT_PROMPTS:
+        raise ValueError(f"wording must be one of {CONCEPT_PROMPTS}, got {wording!r}")
     per_sample = []
     counts: Counter = Counter()
     unparsed = 0
     for item in items:
-        reply = judge.ask([], concept_prompt(item["phrase"], item["answer"], item.get("expression")))
-        category = parse_category(reply)
-        if category is None:
+        prompt = concept_prompt(item["phrase"], item["answer"], item.get("expression"), wording=wording)
+        if wording == "published":
+            reply = judge.ask([], prompt, system=PUBLISHED_CONCEPT_SYSTEM)
+            categories = parse_categories_published(reply)
+        else:
+            reply = judge.ask([], prompt)
+            category = parse_category(reply)
+            categories = None if category is None else [category]
+        if categories is None:
             unparsed += 1
         else:
-            counts[category] += 1
+            counts.update(categories)
         per_sample.append({"sample_id": item["sample_id"], "phrase": item["phrase"], "reply": reply,
-                           "category": category})
+                           "categories": categories})
     return {
         "judge": getattr(judge, "name", type(judge).__name__),
+        "wording": wording,
         "categories": list(CONCEPT_CATEGORIES),
         "counts": {name: counts.get(name, 0) for name in CONCEPT_CATEGORIES},
         "unparsed": unparsed,
@@ -210,25 +261,41 @@ def plot_when(when: dict, path: Union[str, pathlib.Path]) -> pathlib.Path:
 
 
 def run_when(run_dir: Union[str, pathlib.Path], *, protocol: Optional[int] = None, judge: Any = None,
-             output: Optional[Union[str, pathlib.Path]] = None) -> dict:
-    """``pixfound when``: read a run's samples.jsonl, write when.json and when.png (into ``output`` or the run)."""
+             output: Optional[Union[str, pathlib.Path]] = None, wording: Optional[str] = None,
+             force: bool = False) -> dict:
+    """``pixfound when``: read a run's samples.jsonl, write when.json and when.png (into ``output`` or the run).
+
+    ``wording`` of the concept question defaults to the run's recipe (published → the published
+    question). Earlier when.json / when.png in ``output`` are kept unless ``force``.
+    """
+    from pixfound.errors import OutputExistsError, UserError
     from pixfound.eval.records import RunPaths, collect_records, write_json_atomic
 
     paths = RunPaths(pathlib.Path(run_dir))
     if not paths.root.is_dir():
-        raise FileNotFoundError(f"--run {paths.root} is not a directory")
+        raise UserError(f"--run {paths.root} is not a directory")
     if not paths.record_files():
-        raise FileNotFoundError(f"--run {paths.root} holds no samples.jsonl (is it a `pixfound eval` output?)")
+        raise UserError(f"--run {paths.root} holds no samples.jsonl (is it a `pixfound eval` output?)")
     records, _ = collect_records(paths)
     if protocol is not None and protocol not in (1, 3):
-        raise ValueError(f"--protocol for `when` must be 1 or 3 (the grounding protocols), got {protocol}")
+        raise UserError(f"--protocol for `when` must be 1 or 3 (the grounding protocols), got {protocol}")
+    if wording is None:
+        try:
+            recipe = json.loads(paths.run_json.read_text(encoding="utf-8"))["config"].get("recipe")
+        except (OSError, ValueError, KeyError):
+            recipe = None
+        wording = "published" if recipe == "published" else "pixfound"
+    out = pathlib.Path(output) if output is not None else paths.root
+    targets = [out / "when.json", out / "when.png"]
+    # The eval run writes its own when.json/png into the run folder; a concept analysis may replace those.
+    if output is not None and not force and any(t.exists() for t in targets):
+        raise OutputExistsError(f"{out} already holds when.json / when.png; pass --force to replace them")
     result = when_analysis(list(records.values()), protocol)
     if result is None:
-        raise ValueError(f"{paths.root} holds no grounded records (protocol 1 or 3 with grounding)")
+        raise UserError(f"{paths.root} holds no grounded records (protocol 1 or 3 with grounding)")
     if judge is not None:
         items, _ = oracle_phrases(list(records.values()), result["protocol"])
-        result["concepts"] = categorize_concepts(items, judge)
-    out = pathlib.Path(output) if output is not None else paths.root
+        result["concepts"] = categorize_concepts(items, judge, wording=wording)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "when.json", result)
     plot_when(result, out / "when.png")

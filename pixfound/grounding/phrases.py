@@ -27,6 +27,7 @@ from typing import Any, Literal, Optional, Sequence
 
 import torch
 
+from pixfound.errors import UserError
 from pixfound.models.base import Generation
 
 __all__ = [
@@ -82,29 +83,32 @@ def _skipped_pipes(nlp: Any) -> list[str]:
     return [name for name in _PIPES_CHUNKS_SKIP if name in getattr(nlp, "pipe_names", ())]
 
 
-def load_spacy(name: Optional[str] = None) -> Any:
+def load_spacy(name: Optional[str] = None, *, need_parser: bool = True) -> Any:
     """Load (once per process) a spaCy English pipeline that can produce noun chunks.
 
-    ``name=None`` picks the best installed pipeline of :data:`SPACY_PIPELINES`. Which one was used
-    is in :func:`spacy_pipeline_info` (record it with every result).
-    Raises OSError with install instructions when no pipeline is installed or ``name`` is missing,
-    and ValueError when the pipeline has no dependency parser (noun chunks need one).
+    ``name`` is a package name or a folder; ``None`` or ``"auto"`` picks the best installed pipeline
+    of :data:`SPACY_PIPELINES`. Which one was used is in :func:`spacy_pipeline_info` (record it with
+    every result). Raises :class:`~pixfound.errors.UserError` with install instructions when no
+    pipeline is installed, ``name`` is missing, or (``need_parser``) the pipeline has no dependency
+    parser. Phrase vectors need no parser.
     """
     import spacy.util
 
-    if name is None:
+    if name is None or name == "auto":
         installed = [n for n in SPACY_PIPELINES if spacy.util.is_package(n)]
         if not installed:
-            raise OSError(f"no spaCy English pipeline is installed (looked for {', '.join(SPACY_PIPELINES)}); "
-                          f"{_INSTALL_HINT}")
+            raise UserError(f"no spaCy English pipeline is installed (looked for {', '.join(SPACY_PIPELINES)}); "
+                            f"{_INSTALL_HINT}")
         name = installed[0]
     try:
         nlp = _load_spacy_cached(name)
     except OSError as err:
-        raise OSError(f"spaCy pipeline {name!r} could not be loaded ({err}); {_INSTALL_HINT}") from err
-    if "parser" not in nlp.pipe_names:
-        raise ValueError(f"spaCy pipeline {name!r} has no dependency parser (pipes: {nlp.pipe_names}); "
-                         "noun chunks need one")
+        hint = f"`python -m spacy download {name}`" if name.startswith("en_core_web_") else _INSTALL_HINT
+        raise UserError(f"spaCy pipeline {name!r} is not installed or not readable ({err}); install it with "
+                        f"{hint}, or name another with --spacy-pipeline") from None
+    if need_parser and "parser" not in nlp.pipe_names:
+        raise UserError(f"spaCy pipeline {name!r} has no dependency parser (pipes: {nlp.pipe_names}); "
+                        "noun chunks need one")
     return nlp
 
 
@@ -326,11 +330,17 @@ def assign_tokens(phrases: Sequence[Phrase], spans: Sequence[Span]) -> list[Phra
     return out
 
 
-def phrase_maps(maps: torch.Tensor, phrases: Sequence[Phrase]) -> torch.Tensor:
+MapMean = Literal["answer_tokens", "all_steps"]
+
+
+def phrase_maps(maps: torch.Tensor, phrases: Sequence[Phrase], *, stop_map: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
     """Phrase maps [G, h, w] from token maps [T, h, w].
 
-    Each token map has the mean over all T token maps subtracted; a phrase's map is the mean of its
-    tokens' maps. Every phrase must have at least one token (ValueError naming it otherwise).
+    Each token map has the mean map subtracted; a phrase's map is the mean of its tokens' maps.
+    The mean is over the T token maps, plus ``stop_map`` [h, w] when given: the map of the step
+    that emitted EOS, which the published recipe counts in the mean. Every phrase must have at
+    least one token (ValueError naming it otherwise).
     """
     if not isinstance(maps, torch.Tensor) or maps.ndim != 3:
         raise ValueError(f"maps must be a torch tensor [T, h, w], got "
@@ -338,7 +348,12 @@ def phrase_maps(maps: torch.Tensor, phrases: Sequence[Phrase]) -> torch.Tensor:
     num_tokens, height, width = maps.shape
     if not phrases:
         return maps.new_zeros((0, height, width), dtype=torch.float32)
-    centred = maps.float() - maps.float().mean(dim=0, keepdim=True)
+    steps = maps.float()
+    if stop_map is not None:
+        if tuple(stop_map.shape) != (height, width):
+            raise ValueError(f"stop_map has shape {tuple(stop_map.shape)}, the token maps are {height}x{width}")
+        steps = torch.cat([steps, stop_map.float()[None]])
+    centred = maps.float() - steps.mean(dim=0, keepdim=True)
     rows = []
     for phrase in phrases:
         if not phrase.token_indices:
@@ -353,16 +368,23 @@ def phrase_maps(maps: torch.Tensor, phrases: Sequence[Phrase]) -> torch.Tensor:
 
 def phrases_from_generation(generation: Generation, tokenizer: Any, nlp: Any,
                             *, span_method: Literal["auto", "offsets", "decode"] = "auto",
-                            doc: Any = None) -> tuple[list[Phrase], torch.Tensor]:
+                            doc: Any = None, mean: MapMean = "answer_tokens",
+                            zero_flat: bool = True) -> tuple[list[Phrase], torch.Tensor]:
     """Phrases of a generation's answer and their maps [G, h, w].
 
     The answer text is re-decoded from ``generation.token_ids`` (the module's text convention).
     Phrases that no token overlaps are dropped and the rest re-indexed so ``phrase.index`` is the
     row in the maps. An answer without noun chunks gives ``([], empty [0, h, w])``. ``doc`` is the
     answer text already parsed by ``nlp`` (see :func:`phrases_from_generations`).
+
+    ``mean``: the mean map subtracted from the token maps is over the ``answer_tokens``, or over
+    ``all_steps``, the step that emitted EOS included (``generation.stop_map``; published).
+    ``zero_flat``: set flat phrase maps to zero (:func:`zero_flat_maps`); the published code leaves them.
     """
     if generation.maps is None:
         raise ValueError(f"generation {generation.sample_id!r} has no attention maps (run with capture on)")
+    if mean not in ("answer_tokens", "all_steps"):
+        raise ValueError(f"mean must be 'answer_tokens' or 'all_steps', got {mean!r}")
     maps = generation.maps
     if maps.ndim != 3 or maps.shape[0] != len(generation.token_ids):
         raise ValueError(f"generation {generation.sample_id!r}: maps of shape {tuple(maps.shape)} do not match "
@@ -373,7 +395,9 @@ def phrases_from_generation(generation: Generation, tokenizer: Any, nlp: Any,
     phrases = [dataclasses.replace(p, index=i) for i, p in enumerate(phrases)]
     if not phrases:
         return [], maps.new_zeros((0,) + tuple(maps.shape[1:]), dtype=torch.float32)
-    return phrases, zero_flat_maps(phrase_maps(maps, phrases), maps)
+    stop_map = getattr(generation, "stop_map", None) if mean == "all_steps" else None
+    result = phrase_maps(maps, phrases, stop_map=stop_map)
+    return phrases, zero_flat_maps(result, maps) if zero_flat else result
 
 
 # A phrase map whose spread is below this fraction of the token maps' magnitude is float noise.
@@ -403,6 +427,7 @@ def zero_flat_maps(phrase_maps: Any, token_maps: Any, *, tolerance: float = FLAT
 
 def phrases_from_generations(generations: Sequence[Generation], tokenizer: Any, nlp: Any,
                              *, span_method: Literal["auto", "offsets", "decode"] = "auto",
+                             mean: MapMean = "answer_tokens", zero_flat: bool = True,
                              ) -> list[tuple[list[Phrase], torch.Tensor]]:
     """:func:`phrases_from_generation` for a batch, with all answers parsed in one ``nlp.pipe`` pass.
 
@@ -411,5 +436,6 @@ def phrases_from_generations(generations: Sequence[Generation], tokenizer: Any, 
     texts = [answer_text(tokenizer, g.token_ids) for g in generations]
     to_parse = [t for t in dict.fromkeys(texts) if t.strip()]
     docs = dict(zip(to_parse, nlp.pipe(to_parse, disable=_skipped_pipes(nlp)))) if to_parse else {}
-    return [phrases_from_generation(g, tokenizer, nlp, span_method=span_method, doc=docs.get(text))
+    return [phrases_from_generation(g, tokenizer, nlp, span_method=span_method, doc=docs.get(text), mean=mean,
+                                    zero_flat=zero_flat)
             for g, text in zip(generations, texts)]

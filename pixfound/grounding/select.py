@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from pixfound import ops
+from pixfound.errors import JudgeError
 from pixfound.grounding.similarity import PhraseVectors, cosine_similarities, normalize_phrase
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "select_oracle",
     "select_similarity",
     "select_judge",
+    "printed_score",
     "render_overlay",
     "parse_choice",
     "parse_exists",
@@ -297,6 +299,9 @@ class Selection:
     iou: Optional[float] = None
     info: dict = dataclasses.field(default_factory=dict)
     candidate: Optional[Candidate] = dataclasses.field(default=None, repr=False)
+    # No mask at all, as when the published evaluation found no file to score: IoU 0 even where the
+    # ground truth is empty (an empty *prediction* would score 1 there).
+    missing: bool = False
 
     @property
     def is_empty_prediction(self) -> bool:
@@ -311,6 +316,7 @@ class Selection:
             "phrase_index": None if self.candidate is None else self.candidate.phrase_index,
             "mask_index": None if self.candidate is None else self.candidate.mask_index,
             "iou": self.iou,
+            "missing": self.missing,
             "info": self.info,
         }
         if include_mask:
@@ -382,12 +388,33 @@ def candidate_ious(candidates: Sequence[Candidate], gt_mask: Any, *, empty: floa
     return out
 
 
-def select_oracle(candidates: Sequence[Candidate], gt_mask: Any) -> Selection:
-    """The candidate with the highest IoU against ``gt_mask`` (ties: first in candidate order).
+def _last_max(values: np.ndarray) -> int:
+    return len(values) - 1 - int(np.argmax(values[::-1]))
+
+
+def _exact_ious(candidates: Sequence[Candidate], positions: Sequence[int], gt: np.ndarray) -> np.ndarray:
+    """float64 IoU (intersection / union, as the published ``compute_iou`` divides) of some candidates."""
+    out = np.empty(len(positions), dtype=np.float64)
+    for row, position in enumerate(positions):
+        mask = candidates[position].mask
+        union = np.count_nonzero(mask | gt)
+        out[row] = 1.0 if union == 0 else np.count_nonzero(mask & gt) / np.float64(union)
+    return out
+
+
+def select_oracle(candidates: Sequence[Candidate], gt_mask: Any, *, ties: str = "first") -> Selection:
+    """The candidate with the highest IoU against ``gt_mask``.
+
+    ``ties``: ``"first"`` keeps the first best candidate in candidate order; ``"last"`` the last one,
+    as the published evaluation does (it keeps a candidate when ``iou >= best``). The published
+    IoU is a float64 division, so with ``"last"`` the candidates within float32 rounding of the best
+    are compared again exactly before the tie is decided.
 
     Empty ground truth → predict empty (IoU 1); no candidates → predict empty.
     ``info["ious"]`` lists every candidate's IoU.
     """
+    if ties not in ("first", "last"):
+        raise ValueError(f"ties must be 'first' or 'last', got {ties!r}")
     gt = _as_gt(gt_mask)
     gt_empty = not gt.any()
     if candidates:
@@ -399,8 +426,21 @@ def select_oracle(candidates: Sequence[Candidate], gt_mask: Any) -> Selection:
     if not candidates:
         return _empty("oracle", gt.shape, {"reason": "no_candidates"}, iou=0.0)
     ious = candidate_ious(candidates, gt)
-    best = int(np.argmax(ious))  # argmax returns the first maximum
-    return _chosen("oracle", candidates, best, {"ious": [float(v) for v in ious]}, iou=float(ious[best]))
+    if ties == "first":
+        best = int(np.argmax(ious))  # argmax returns the first maximum
+        iou = float(ious[best])
+    else:
+        top = float(ious.max())
+        near = [int(i) for i in np.flatnonzero(ious >= top - 1e-6)]  # float32 rounding is far below 1e-6
+        exact = _exact_ious(candidates, near, gt)
+        best = near[_last_max(exact)]
+        iou = float(exact[_last_max(exact)])
+    return _chosen("oracle", candidates, best, {"ious": [float(v) for v in ious], "ties": ties}, iou=iou)
+
+
+def printed_score(value: float) -> float:
+    """A similarity as the published meta file stores it (``"%f"``, six decimals) and reads it back."""
+    return float("%f" % value)
 
 
 def select_similarity(
@@ -411,14 +451,29 @@ def select_similarity(
     *,
     threshold: float = SIMILARITY_THRESHOLD,
     image_size: Optional[tuple[int, int]] = None,
+    pick: str = "best_sam",
+    normalize: Any = normalize_phrase,
 ) -> Selection:
-    """The published "a+s": best phrase by cosine similarity with ``expression``, then its best SAM mask.
+    """The published "a+s": the phrase most similar to ``expression``, then one of its masks.
 
-    Phrase texts and the expression are lowercased and lose a leading article before encoding.
-    Below ``threshold`` (0.7) the prediction is empty. Ties go to the lower phrase index, then to
-    the lower mask index. ``image_size`` (H, W) sizes the empty mask when there are no candidates.
-    ``info`` records the backend name, each phrase's similarity and the decision.
+    Phrase texts and the expression go through ``normalize`` (lowercase, leading article off)
+    before encoding; similarity is the cosine of their vectors. Below ``threshold`` (0.7) the
+    prediction is empty. ``pick`` decides the rest:
+
+    - ``"best_sam"``: the best phrase's highest-SAM-score mask; ties to the lower phrase index,
+      then the lower mask index.
+    - ``"last_file"`` (published): the evaluation walks the mask files ``{image}_{phrase}_{mask}``
+      in sorted order and keeps the last one whose phrase score is ``>=`` the best so far, starting
+      from 0. So: the last mask (index 2) of the best phrase, ties to the later phrase; scores are
+      compared as the meta file prints them (``%f``), in float32 as ``torch.cosine_similarity``
+      gives them; a sample whose every phrase scores below 0 (or that has no phrase) has no mask
+      to score at all (``Selection.missing``: IoU 0 even against an empty ground truth).
+
+    ``image_size`` (H, W) sizes the empty mask when there are no candidates. ``info`` records the
+    backend name, each phrase's similarity and the decision.
     """
+    if pick not in ("best_sam", "last_file"):
+        raise ValueError(f"pick must be 'best_sam' or 'last_file', got {pick!r}")
     if not isinstance(expression, str) or not expression.strip():
         raise ValueError(f"expression must be a non-empty str, got {expression!r}")
     shape = _common_shape(candidates) or (tuple(image_size) if image_size is not None else None)
@@ -426,7 +481,8 @@ def select_similarity(
         raise ValueError("select_similarity got no candidates and no image_size (H, W) to size the empty mask")
     if image_size is not None and tuple(image_size) != shape:
         raise ValueError(f"image_size {tuple(image_size)} does not match the candidate masks {shape}")
-    info: dict[str, Any] = {"vectors": getattr(vectors, "name", type(vectors).__name__), "threshold": float(threshold)}
+    info: dict[str, Any] = {"vectors": getattr(vectors, "name", type(vectors).__name__), "threshold": float(threshold),
+                            "pick": pick}
     by_index = {int(p.index): p for p in phrases}
     missing = sorted({c.phrase_index for c in candidates} - set(by_index))
     if missing:
@@ -434,71 +490,111 @@ def select_similarity(
     phrase_indices = sorted({c.phrase_index for c in candidates})
     if not phrase_indices:
         info["reason"] = "no_candidates"
-        return _empty("similarity", shape, info)
-    texts = [normalize_phrase(expression)] + [normalize_phrase(str(by_index[i].text)) for i in phrase_indices]
+        selection = _empty("similarity", shape, info)
+        selection.missing = pick == "last_file"
+        return selection
+    texts = [normalize(expression)] + [normalize(str(by_index[i].text)) for i in phrase_indices]
     vecs = np.asarray(vectors.encode(texts))
     if vecs.ndim != 2 or vecs.shape[0] != len(texts):
         raise ValueError(f"{info['vectors']}.encode returned shape {vecs.shape} for {len(texts)} texts; expected [N, D]")
-    sims = cosine_similarities(vecs[0], vecs[1:])
-    best = int(np.argmax(sims))
-    info.update(
-        phrase_indices=phrase_indices,
-        similarities=[float(s) for s in sims],
-        best_phrase_index=phrase_indices[best],
-        best_similarity=float(sims[best]),
-    )
+    if pick == "last_file":
+        import torch
+
+        table = torch.from_numpy(np.ascontiguousarray(vecs, dtype=np.float32))
+        sims = [printed_score(float(v)) for v in torch.cosine_similarity(table[1:], table[:1], dim=1)]
+        best_score, best = 0.0, None
+        for row, score in enumerate(sims):
+            if score >= best_score:
+                best_score, best = score, row
+    else:
+        sims = [float(v) for v in cosine_similarities(vecs[0], vecs[1:])]
+        best = int(np.argmax(sims))
+    info.update(phrase_indices=phrase_indices, similarities=sims)
+    if best is None:
+        info["reason"] = "no_phrase_scores_at_least_0"
+        selection = _empty("similarity", shape, info)
+        selection.missing = True
+        return selection
+    info.update(best_phrase_index=phrase_indices[best], best_similarity=float(sims[best]))
     if sims[best] < threshold:
         info["reason"] = "below_threshold"
         return _empty("similarity", shape, info)
     positions = [i for i, c in enumerate(candidates) if c.phrase_index == phrase_indices[best]]
-    positions.sort(key=lambda i: (-candidates[i].sam_score, candidates[i].mask_index))
+    if pick == "last_file":
+        positions.sort(key=lambda i: candidates[i].mask_index)
+        chosen = positions[-1]
+    else:
+        positions.sort(key=lambda i: (-candidates[i].sam_score, candidates[i].mask_index))
+        chosen = positions[0]
     info["reason"] = "selected"
-    return _chosen("similarity", candidates, positions[0], info)
+    return _chosen("similarity", candidates, chosen, info)
 
 
 # --------------------------------------------------------------------------- judge
 
 
 def exists_prompt(expression: str) -> str:
-    """Step 1 of the judge: does the expression occur in the image at all?"""
-    return f"Does this image have {expression.strip()}? Answer yes/no only."
+    """Step 1 of the judge: does the expression occur in the image at all? (The expression as given:
+    the published script inserted the CSV cell with its leading space.)"""
+    return f"Does this image have {expression}? Answer yes/no only."
 
 
 def choice_prompt(expression: str, count: int) -> str:
     """Step 2, the published GPT-4o selection question (``infer_pixfoundation_auto_gpt.py``), verbatim."""
     return (
-        f"Select the image that has {expression.strip()} best highlighted in red color than the others? "
+        f"Select the image that has {expression} best highlighted in red color than the others? "
         f"Answer with a number from 1 to {count}. Mention the number only."
     )
 
 
 _LEADING_YES = re.compile(r"^\W*yes\b", re.IGNORECASE)
+_PUBLISHED_YES = re.compile(r"^(yes)\.*$", re.IGNORECASE)
 _FIRST_INTEGER = re.compile(r"\d+")
+# The published judge sent at most this many overlays per question.
+PUBLISHED_MAX_OVERLAYS = 499
+JUDGE_RULES = ("pixfound", "published")
 
 
-def parse_exists(reply: str) -> bool:
-    """True only when the reply starts with the word "yes" ("Yes", "yes.", "Yes, there is…"); anything else is no."""
+def parse_exists(reply: str, *, rules: str = "pixfound") -> bool:
+    """Whether the judge said the expression is in the image.
+
+    ``"pixfound"``: the reply starts with the word "yes" ("Yes", "yes.", "Yes, there is…").
+    ``"published"``: the whole lowercased reply is "yes" followed by dots only (``^(yes)\\.*$``),
+    surrounding white space included.
+    """
+    if rules == "published":
+        return bool(_PUBLISHED_YES.match(reply.lower()))
     return bool(_LEADING_YES.match(reply.strip()))
 
 
-def parse_choice(reply: str, count: int) -> tuple[Optional[int], str]:
+def parse_choice(reply: str, count: int, *, rules: str = "pixfound") -> tuple[Optional[int], str]:
     """0-based choice from a "number from 1 to count" reply, and how it was read.
 
-    The whole reply as an int (``"int"``), else its first integer (``"first_integer"``), as
-    published. Returns ``(None, "no_integer")`` or ``(None, "out_of_range")`` when neither gives a
-    number in 1..count; the caller falls back to the first candidate and records why.
+    The whole reply as an int (``"int"``), else its first run of digits (``"first_integer"``), as
+    published. A number outside 1..count gives ``(None, "out_of_range")`` and a reply without one
+    ``(None, "no_integer")``: the caller then takes the first candidate and records why.
+
+    ``rules="published"`` reads the number as the published script indexed its file list: ``n - 1``
+    with Python's negative indices (a reply of ``0`` picks the last candidate); only an index the
+    list does not have is out of range (the published script stopped there with an IndexError), and
+    a reply without any number picks the first candidate, as published (``"default_first"``).
     """
     text = reply.strip()
     try:
-        number, method = int(text), "int"
+        number, method = int(reply if rules == "published" else text), "int"
     except ValueError:
         match = _FIRST_INTEGER.search(text)
         if match is None:
-            return None, "no_integer"
+            return (0, "default_first") if rules == "published" else (None, "no_integer")
         number, method = int(match.group(0)), "first_integer"
-    if not 1 <= number <= count:
+    index = number - 1
+    if rules == "published":
+        if not -count <= index < count:
+            return None, "out_of_range"
+        return index % count, method
+    if not 0 <= index < count:
         return None, "out_of_range"
-    return number - 1, method
+    return index, method
 
 
 def render_overlay(image: Image.Image, mask: np.ndarray) -> Image.Image:
@@ -512,18 +608,25 @@ def render_overlay(image: Image.Image, mask: np.ndarray) -> Image.Image:
     return Image.fromarray(rgb)
 
 
-def select_judge(candidates: Sequence[Candidate], image: Image.Image, expression: str, judge: Any) -> Selection:
+def select_judge(candidates: Sequence[Candidate], image: Image.Image, expression: str, judge: Any, *,
+                 rules: str = "pixfound") -> Selection:
     """The published "auto" selection with an MLLM ``judge`` (see :mod:`pixfound.eval.judge`).
 
-    1. Ask :func:`exists_prompt` with the image; anything but yes → empty prediction.
+    1. Ask :func:`exists_prompt` with the image; anything but yes (:func:`parse_exists`) → empty
+       prediction.
     2. Otherwise show every candidate as a red overlay, in sorted candidate order, all in one
        request (one message with N images for the openai backend, as published; one numbered
        grid for the hf backend), and ask :func:`choice_prompt`. The reply is read with
-       :func:`parse_choice`; when it gives no valid number the first candidate is taken and
+       :func:`parse_choice`; when it gives no usable number the first candidate is taken and
        ``info["fallback"]`` says why. With a single candidate no choice is asked.
+       ``rules="published"`` shows at most the first 499 overlays, as published.
 
-    No candidates → empty prediction without asking. Judge errors propagate.
+    No candidates → empty prediction without asking. A judge that fails (HTTP errors after its
+    retries, timeouts, a malformed reply) falls back as well: ``info["judge_error"]`` holds the
+    error, and the fallback is the empty prediction (step 1) or the first candidate (step 2).
     """
+    if rules not in JUDGE_RULES:
+        raise ValueError(f"rules must be one of {JUDGE_RULES}, got {rules!r}")
     if not isinstance(image, Image.Image):
         raise ValueError(f"image must be a PIL.Image, got {type(image).__name__}")
     if not isinstance(expression, str) or not expression.strip():
@@ -532,24 +635,35 @@ def select_judge(candidates: Sequence[Candidate], image: Image.Image, expression
     candidate_shape = _common_shape(candidates)
     if candidate_shape is not None and candidate_shape != shape:
         raise ValueError(f"candidate masks are {candidate_shape} but the image is {shape} (H, W)")
-    info: dict[str, Any] = {"judge": getattr(judge, "name", type(judge).__name__), "num_candidates": len(candidates)}
+    info: dict[str, Any] = {"judge": getattr(judge, "name", type(judge).__name__), "num_candidates": len(candidates),
+                            "rules": rules}
     if not candidates:
         info["reason"] = "no_candidates"
         return _empty("judge", shape, info)
-    exists_reply = judge.ask([image], exists_prompt(expression))
+    try:
+        exists_reply = judge.ask([image], exists_prompt(expression))
+    except JudgeError as error:
+        info.update(reason="judge_failed", judge_error=str(error), fallback="empty_prediction")
+        return _empty("judge", shape, info)
     info["exists_reply"] = exists_reply
-    info["exists"] = parse_exists(exists_reply)
+    info["exists"] = parse_exists(exists_reply, rules=rules)
     if not info["exists"]:
         info["reason"] = "judged_absent"
         return _empty("judge", shape, info)
     info["fallback"] = None
-    if len(candidates) == 1:
+    shown = list(candidates[:PUBLISHED_MAX_OVERLAYS]) if rules == "published" else list(candidates)
+    info["num_shown"] = len(shown)
+    if len(shown) == 1:
         info["reason"] = "single_candidate"
         return _chosen("judge", candidates, 0, info)
-    overlays = [render_overlay(image, c.mask) for c in candidates]
-    choice_reply = judge.ask(overlays, choice_prompt(expression, len(candidates)))
+    overlays = [render_overlay(image, c.mask) for c in shown]
+    try:
+        choice_reply = judge.ask(overlays, choice_prompt(expression, len(shown)))
+    except JudgeError as error:
+        info.update(reason="judge_failed", judge_error=str(error), fallback="judge_failed")
+        return _chosen("judge", candidates, 0, info)
     info["choice_reply"] = choice_reply
-    index, method = parse_choice(choice_reply, len(candidates))
+    index, method = parse_choice(choice_reply, len(shown), rules=rules)
     info["choice_parse"] = method
     if index is None:
         info["fallback"] = method

