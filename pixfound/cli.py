@@ -17,7 +17,7 @@ import pathlib
 import sys
 from typing import Any, Callable, Optional, Sequence
 
-from pixfound.errors import UserError
+from pixfound.errors import OutputExistsError, UserError
 
 __all__ = ["build_parser", "main"]
 
@@ -27,10 +27,6 @@ REAL_RUN_HINT = (
     "--model llava-hf/llava-1.5-7b-hf --benchmark pixmmvp --data-root DIR "
     "--sam-model vit_h --sam-checkpoint sam_vit_h_4b8939.pth"
 )
-
-
-class CommandError(UserError):
-    """A problem with the command's inputs, reported as one line (exit status 2)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +177,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
+    """pixfound's log lines on stderr: warnings only with ``-q`` (and no progress bars, transformers'
+    included), debug lines with ``-v`` (and transformers' own info)."""
+    import os
+
     level = logging.DEBUG if verbose else (logging.WARNING if quiet else logging.INFO)
+    if quiet:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover - transformers is a dependency
+            pass
+    elif verbose:
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_info()
+        except ImportError:  # pragma: no cover
+            pass
     root = logging.getLogger("pixfound")
     root.setLevel(level)
     for handler in list(root.handlers):
@@ -198,13 +213,13 @@ def _load_benchmark(args: argparse.Namespace, **options: Any) -> Any:
     from pixfound.data import BENCHMARKS, load_benchmark
 
     if args.benchmark is None:
-        raise CommandError(f"--benchmark is required: one of {', '.join(BENCHMARKS)}")
+        raise UserError(f"--benchmark is required: one of {', '.join(BENCHMARKS)}")
     name = args.benchmark.strip().lower()
     if name not in BENCHMARKS:
-        raise CommandError(f"unknown benchmark {args.benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
+        raise UserError(f"unknown benchmark {args.benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
     if name == "synthetic":
         return load_benchmark("synthetic", args.data_root, n=args.synthetic_n, seed=args.synthetic_seed)
-    return load_benchmark(name, args.data_root, strict=args.strict, **options)
+    return load_benchmark(name, args.data_root, strict=bool(args.strict), **options)
 
 
 def _number(value: Any) -> str:
@@ -216,10 +231,21 @@ def _number(value: Any) -> str:
 def cmd_data(args: argparse.Namespace) -> int:
     from pixfound.data import benchmark_stats
 
+    from pixfound.data.sample import BadDataError, unreadable_images
+
     options = {} if args.benchmark == "synthetic" else {"require_images": args.require_images}
     samples = _load_benchmark(args, **options)
+    found = list(getattr(samples, "skipped", []))
+    if args.require_images:
+        broken = unreadable_images(samples)  # a header check misses a truncated file: decode them
+        if broken and args.strict:
+            raise BadDataError(broken[0])
+        bad = {p.sample_id for p in broken}
+        samples = type(samples)([s for s in samples if str(s.id) not in bad], name=samples.name,
+                                root=samples.root, skipped=found + broken) if broken else samples
+        found += broken
     stats = benchmark_stats(samples)
-    problems = [str(p) for p in getattr(samples, "skipped", [])]
+    problems = [str(p) for p in found]
     if args.json:
         print(json.dumps({**stats, "problems": problems}, indent=2, default=str))
         return 0
@@ -245,7 +271,7 @@ def _eval_config(args: argparse.Namespace) -> Any:
     output = args.output
     if output is None:
         if values["resume"]:
-            raise CommandError("--resume needs --output DIR (the run to continue)")
+            raise UserError("--resume needs --output DIR (the run to continue)")
         output = str(default_output_dir())
     # Absolute paths in run.json: `show`, `export` and `--resume` then work from any directory.
     for name in ("data_root", "sam_checkpoint"):
@@ -262,9 +288,9 @@ def _check_model_name(name: str) -> None:
         return
     path = pathlib.Path(name).expanduser()
     if name.startswith(("/", "./", "../", "~")) and not path.is_dir():
-        raise CommandError(f"--model {name}: no such checkpoint folder")
+        raise UserError(f"--model {name}: no such checkpoint folder")
     if name.startswith("tiny-"):
-        raise CommandError(f"unknown tiny model {name!r}; choose one of {', '.join(TINY_MODELS)}")
+        raise UserError(f"unknown tiny model {name!r}; choose one of {', '.join(TINY_MODELS)}")
 
 
 def random_weights_note(config: Any) -> Optional[str]:
@@ -324,33 +350,53 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from pixfound.eval import report
+    from pixfound.eval.config import PAPER_BENCHMARKS
     from pixfound.eval.records import write_json_atomic, write_jsonl_atomic
 
     preds = pathlib.Path(args.preds)
     if not preds.is_dir():
-        raise CommandError(f"--preds {preds} is not a directory")
-    samples = _load_benchmark(args)
+        raise UserError(f"--preds {preds} is not a directory")
+    out = pathlib.Path(args.output) if args.output else preds.resolve().parent / f"{preds.resolve().name}-score"
+    if out.resolve() == preds.resolve():
+        raise UserError(f"--output {out} is the predictions folder; write the results to a folder of their own")
+    if (out / "summary.json").exists() and not args.force:
+        raise OutputExistsError(f"{out} already holds a score (summary.json); pass --force to replace it, or "
+                                "choose another --output")
+    if args.strict is None:
+        args.strict = args.benchmark in PAPER_BENCHMARKS
+    # Scoring reads masks only: images may be absent (their masks then take the declared size).
+    samples = _load_benchmark(args, **({} if args.benchmark == "synthetic" else {"require_images": False}))
     if args.limit is not None:
-        samples = list(samples)[: args.limit]
+        samples = type(samples)(list(samples)[: args.limit], name=samples.name, root=samples.root,
+                                skipped=samples.skipped)
     name = args.name or preds.resolve().name
-    summary, rows = report.score_predictions(samples, preds, name=name, benchmark=args.benchmark, strict=args.strict)
-    out = pathlib.Path(args.output) if args.output else preds
+    summary, rows = report.score_predictions(samples, preds, name=name, benchmark=args.benchmark)
+    skipped = sorted(set(getattr(samples, "skipped_ids", [])))
+    summary["coverage"] = report.coverage_block(len(samples) + len(skipped), len(rows), skipped, args.limit,
+                                                len(rows), len(rows))
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "summary.json", summary)
     write_jsonl_atomic(out / "per_sample.jsonl", rows)
+    write_json_atomic(out / "summary.json", summary)  # last: a summary.json means a finished score
     if summary["resized"]:
         logger.warning("%d prediction(s) had another size than their image and were resized (nearest neighbour):",
                        len(summary["resized"]))
         for entry in summary["resized"][:20]:
             logger.warning("  %s: %s -> %s", entry["file"], entry["prediction_hw"], entry["image_hw"])
-    if summary["missing"]:
-        logger.warning("%d sample(s) have no prediction file (scored as empty masks): %s%s", len(summary["missing"]),
-                       ", ".join(map(str, summary["missing"][:20])), " ..." if len(summary["missing"]) > 20 else "")
+    if summary["unmatched"]:
+        logger.warning("%d PNG file(s) in --preds name no sample of the benchmark and were not scored: %s%s",
+                       len(summary["unmatched"]), ", ".join(summary["unmatched"][:10]),
+                       " ..." if len(summary["unmatched"]) > 10 else "")
     print(report.format_table(summary["table"]))
     block = summary["miou"]["external"]
     miou = "–" if block["miou"] is None else f"{100 * block['miou']:.1f}"
-    print(f"mIoU {miou} over {block['n']} samples with an expression; missing {summary['counts']['missing']}, "
-          f"resized {summary['counts']['resized']}")
+    counts = summary["counts"]
+    print(f"mIoU {miou} over {block['n']} samples with an expression; {summary['coverage']['text']}")
+    if counts["missing"]:
+        print(f"MISSING: {counts['missing']} sample(s) have no prediction file and are scored as empty masks "
+              f"({counts['missing_with_expression']} of them in the mIoU): "
+              + ", ".join(map(str, summary["missing"][:20])) + (" ..." if counts["missing"] > 20 else ""))
+    if counts["resized"]:
+        print(f"resized: {counts['resized']} prediction(s)")
     logger.info("wrote %s", out / "summary.json")
     return 0
 
@@ -379,7 +425,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     paths = RunPaths(pathlib.Path(args.run))
     if not paths.run_json.is_file():
-        raise CommandError(f"--run {args.run} holds no run.json (is it a `pixfound eval` output?)")
+        raise UserError(f"--run {args.run} holds no run.json (is it a `pixfound eval` output?)")
     records, _ = collect_records(paths)
     wanted = str(args.sample)
     chosen = [r for r in records.values() if r["sample_id"] == wanted]
@@ -388,22 +434,26 @@ def cmd_show(args: argparse.Namespace) -> int:
     chosen = [r for r in chosen if r.get("grounding") and (args.protocol is None or r["protocol"] == args.protocol)]
     if not chosen:
         known = sorted({r["sample_id"] for r in records.values() if r.get("grounding")})
-        raise CommandError(f"no grounded record for sample {wanted!r} in {args.run}; grounded samples: "
+        raise UserError(f"no grounded record for sample {wanted!r} in {args.run}; grounded samples: "
                            f"{', '.join(known[:20])}{' ...' if len(known) > 20 else ''}")
     config = EvalConfig.from_dict(json.loads(paths.run_json.read_text(encoding="utf-8"))["config"])
     samples = {s.id: s for s in load_samples(config)}
     out = pathlib.Path(args.output) if args.output else paths.root / "show"
+    targets = {record["key"]: out / f"{record['sample_id']}_p{record['protocol']}.png" for record in chosen}
+    existing = [str(t) for t in targets.values() if t.exists()]
+    if existing and not args.force:
+        raise OutputExistsError(f"{', '.join(existing)} already exist; pass --force to draw them again")
     out.mkdir(parents=True, exist_ok=True)
     for record in sorted(chosen, key=lambda r: r["protocol"]):
         sample = samples.get(record["sample_id"])
         if sample is None:
-            raise CommandError(f"sample {record['sample_id']} is not in the benchmark any more (data root changed?)")
+            raise UserError(f"sample {record['sample_id']} is not in the benchmark any more (data root changed?)")
         image = sample.load_image()
         try:
             gt = sample.gt_mask
         except (ValueError, OSError):
             gt = None
-        path = report.render_sample_overlay(record, image, gt, out / f"{record['sample_id']}_p{record['protocol']}.png")
+        path = report.render_sample_overlay(record, image, gt, targets[record["key"]])
         print(path)
     return 0
 
@@ -413,6 +463,10 @@ def cmd_ground(args: argparse.Namespace) -> int:
     from pixfound.eval.pipeline import build_pipeline, ground_demo
 
     _check_model_name(args.model)
+    from pixfound.eval.pipeline import ground_outputs
+
+    ground_outputs(args.image, args.output or str(pathlib.Path("pixfound-ground") / pathlib.Path(args.image).stem),
+                   force=args.force)  # before anything loads
     config = EvalConfig(**_config_values(args, "ground"), protocols=(1,), selects=(), progress=False).resolved()
     has_judge = config.has_judge
     note = random_weights_note(config)
@@ -421,7 +475,8 @@ def cmd_ground(args: argparse.Namespace) -> int:
               "--sam-checkpoint sam_vit_h_4b8939.pth", file=sys.stderr)
     pipeline = build_pipeline(config, need_vectors=bool(args.expression) and not has_judge, need_judge=has_judge)
     output = args.output or str(pathlib.Path("pixfound-ground") / pathlib.Path(args.image).stem)
-    payload = ground_demo(pipeline, args.image, args.prompt, expression=args.expression, output=output)
+    payload = ground_demo(pipeline, args.image, args.prompt, expression=args.expression, output=output,
+                          force=args.force)
     print(f"answer: {payload['answer']}")
     for phrase in payload["phrases"]:
         print(f"  phrase {phrase['index']}: {phrase['text']!r} at {phrase['position_pct']:.0f}% of the answer")
@@ -446,10 +501,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from pixfound.eval import report
 
+    if args.output and pathlib.Path(args.output).exists() and not args.force:
+        raise OutputExistsError(f"--output {args.output} exists; pass --force to replace it")
     _, text, markdown = report.merge_runs(args.runs)
     print(text)
     if args.output:
-        pathlib.Path(args.output).write_text(markdown + "\n", encoding="utf-8")
+        from pixfound.eval.records import write_text_atomic
+
+        write_text_atomic(pathlib.Path(args.output), markdown + "\n")
         logger.info("wrote %s", args.output)
     return 0
 
@@ -467,9 +526,16 @@ COMMANDS = {
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``pixfound`` console script; returns the exit status."""
-    from pixfound.eval.judge import JudgeError
-    from pixfound.eval.runner import shutdown_distributed
+    """Entry point of the ``pixfound`` console script; returns the exit status.
+
+    A :class:`~pixfound.errors.UserError` (bad input) is one line and status 2; a judge that
+    keeps failing, or a full disk, one line and status 1; Ctrl-C says how to continue (status 130).
+    Anything else is a bug and keeps its traceback. ``-v`` shows tracebacks for user errors too.
+    """
+    import errno
+
+    from pixfound.errors import JudgeError
+    from pixfound.eval.runner import RunInterrupted, shutdown_distributed
 
     parser = build_parser()
     try:
@@ -477,13 +543,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as stop:  # --help, or a usage error already printed as one line
         return int(stop.code or 0)
     _setup_logging(args.verbose, args.quiet)
+    prefix = f"pixfound {args.command}"
     try:
         return COMMANDS[args.command](args)
-    except (CommandError, ValueError, OSError, ImportError) as error:
-        print(f"pixfound {args.command}: error: {error}", file=sys.stderr)
+    except UserError as error:
+        if args.verbose:
+            logger.exception("traceback (shown with -v)")
+        print(f"{prefix}: error: {error}", file=sys.stderr)
         return 2
     except JudgeError as error:
-        print(f"pixfound {args.command}: judge error: {error}", file=sys.stderr)
+        print(f"{prefix}: judge error: {error}", file=sys.stderr)
+        return 1
+    except RunInterrupted as stop:
+        print(f"{prefix}: {stop}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"{prefix}: error: {error.strerror or 'no space left on device'}"
+              + (f" writing {error.filename}" if error.filename else "") + "; free some space and run the command "
+              "again" + (" with --resume" if args.command == "eval" else ""), file=sys.stderr)
         return 1
     finally:
         shutdown_distributed()

@@ -9,7 +9,7 @@ keeps catching it.
 """
 from __future__ import annotations
 
-__all__ = ["UserError", "DataError", "JudgeError", "OutputExistsError"]
+__all__ = ["UserError", "DataError", "JudgeError", "MissingFileError", "OutputExistsError"]
 
 
 class UserError(ValueError):
@@ -18,6 +18,10 @@ class UserError(ValueError):
 
 class DataError(UserError):
     """A benchmark file or entry is missing or malformed (the message names the file and row)."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named (or a benchmark needs) does not exist."""
 
 
 class OutputExistsError(UserError):

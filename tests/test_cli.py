@@ -19,7 +19,6 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from fake_openai_server import FakeOpenAIServer, chat_reply
 from pixfound import cli
@@ -27,6 +26,7 @@ from pixfound.data import load_benchmark
 from pixfound.eval.prompts import build_prompt, grounding_templates, vqa_templates
 from pixfound.eval.records import read_jsonl
 from pixfound.grounding.select import rle_to_mask
+from stand_in_data import build_pixmmvp_root
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -311,17 +311,8 @@ def test_data_command(capsys):
         assert code == 2 and message in err
 
 
-def _pixmmvp_with_four_images(annotations_root: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
-    root = tmp_path / "pixmmvp"
-    shutil.copytree(annotations_root / "pixmmvp", root)
-    (root / "MMVP Images").mkdir()
-    for index in range(1, 5):
-        Image.new("RGB", (224, 224), (90, 120, 150)).save(root / "MMVP Images" / f"{index}.jpg")
-    return root
-
-
 def test_missing_images_are_counted_and_listed_or_fatal(annotations_root, tmp_path, capsys, no_interpreter):
-    root = _pixmmvp_with_four_images(annotations_root, tmp_path)
+    root = build_pixmmvp_root(annotations_root, tmp_path / "pixmmvp")
     code, out, err = run_cli(["data", "--benchmark", "pixmmvp", "--data-root", root, "--json"], capsys)
     assert code == 0, err
     stats = json.loads(out)

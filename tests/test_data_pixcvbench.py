@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import ast
 import collections
-import csv
 import json
 import pathlib
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from pycocotools.coco import COCO
 
 from pixfound.data import benchmark_stats, load_benchmark
+from stand_in_data import RESIZED_ADE_IMAGE, RESIZED_SIZE, UNANNOTATED_SIZE, build_cvbench_root, csv_dicts
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -27,94 +26,11 @@ NUM_ADE, NUM_COCO = 633, 805
 ADE_RLE, ADE_POLYGONS = 1232, 134
 COCO_RLE, COCO_POLYGONS = 1619, 53
 ADE_IMAGE_WITHOUT_ANNOTATION = 207  # JSON image id; its object is annotated as absent
-RESIZED_ADE_IMAGE = 0               # stand-in written at another size than its RLE declares
-RESIZED_SIZE = (200, 300)           # (H, W)
-UNANNOTATED_SIZE = (300, 400)
-
-
-def _csv_dicts(path: pathlib.Path) -> list[dict]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def _json_images(path: pathlib.Path) -> tuple[dict, dict[int, list]]:
-    data = json.loads(path.read_text())
-    anns = collections.defaultdict(list)
-    for ann in data["annotations"]:
-        anns[ann["image_id"]].append(ann)
-    return data, anns
-
-
-def _stand_in_size(anns: list) -> tuple[int, int]:
-    for ann in anns:
-        if isinstance(ann["segmentation"], dict):
-            return tuple(ann["segmentation"]["size"])
-    if not anns:
-        return UNANNOTATED_SIZE
-    xs = [v for ann in anns for poly in ann["segmentation"] for v in poly[0::2]]
-    ys = [v for ann in anns for poly in ann["segmentation"] for v in poly[1::2]]
-    return int(max(ys)) + 9, int(max(xs)) + 9
-
-
-def _cvbench_rows(objects_csv: pathlib.Path) -> list[dict]:
-    rows = []
-    with open(objects_csv, newline="") as handle:
-        for cells in csv.DictReader(handle):
-            idx, file, objects = int(cells["Id"]), cells["file"], cells["Objects"]
-            source = "ADE20K" if "/ADE20K/" in file else "COCO"
-            name = file.rsplit("/", 1)[1]
-            relation = objects.startswith("(")
-            if relation:
-                first, second = ast.literal_eval(objects)
-                question = f"Considering the relative positions of the {first} and the {second}, where is the {first}?"
-                choices = ["left", "right"]
-            else:
-                question = f"How many {objects}s are in the image?"
-                choices = ["0", "1", "2", "3"]
-            answer = f"({'AB'[idx % 2]})"
-            rows.append({
-                "idx": idx, "type": "2D", "task": "Relation" if relation else "Count", "question": question,
-                "choices": choices, "answer": answer,
-                "prompt": question + " Select from the following choices.\n"
-                          + "\n".join(f"({'ABCD'[k]}) {c}" for k, c in enumerate(choices)),
-                "filename": f"img/2D/{'relation' if relation else 'count'}/{source.lower()}_{idx}.png",
-                "source": source,
-                "source_dataset": f"{source} Validation Set",
-                "source_filename": name if source == "ADE20K" else f"/coco/val2017/{name}",
-                "target_class": None, "target_size": None, "bbox": None,
-            })
-    for k in range(3):  # 3D rows: CV-Bench's Omni3D questions, not part of PixCV-Bench
-        idx = len(rows)
-        rows.append({"idx": idx, "type": "3D", "task": "Depth", "question": "Which is closer?",
-                     "choices": ["chair", "table"], "answer": "(A)", "prompt": "",
-                     "filename": f"img/3D/depth/o_{k}.png",
-                     "source": "Omni3D", "source_dataset": "Omni3D", "source_filename": f"/Omni3D/x_{k}.jpg",
-                     "target_class": None, "target_size": None, "bbox": None})
-    return rows
 
 
 @pytest.fixture(scope="module")
 def cvbench_root(annotations_root: pathlib.Path, tmp_path_factory) -> pathlib.Path:
-    src = annotations_root / "pixcvbench"
-    root = tmp_path_factory.mktemp("pixcvbench")
-    (root / "Objects.csv").symlink_to(src / "Objects.csv")
-    for source in ("ADE20K", "COCO"):
-        (root / source).mkdir()
-        (root / source / "FinalSegmentations.json").symlink_to(src / source / "FinalSegmentations.json")
-    rows = _cvbench_rows(src / "Objects.csv")
-    with open(root / "test.jsonl", "w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-    folders = {"ADE20K": root / "ADE20K" / "validation" / "images", "COCO": root / "COCO" / "coco" / "images"}
-    for source, folder in folders.items():
-        folder.mkdir(parents=True)
-        data, anns = _json_images(src / source / "FinalSegmentations.json")
-        for image in data["images"]:
-            height, width = _stand_in_size(anns[image["id"]])
-            if source == "ADE20K" and image["id"] == RESIZED_ADE_IMAGE:
-                height, width = RESIZED_SIZE
-            Image.new("L", (width, height), 128).save(folder / image["file_name"], quality=10)
-    return root
+    return build_cvbench_root(annotations_root, tmp_path_factory.mktemp("pixcvbench") / "root")
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +53,7 @@ def test_counts_ids_and_3d_rows_ignored(samples):
 
 
 def test_every_row_joins_its_json_image(samples, cvbench_root, annotations_root):
-    objects = _csv_dicts(annotations_root / "pixcvbench" / "Objects.csv")
+    objects = csv_dicts(annotations_root / "pixcvbench" / "Objects.csv")
     position = collections.Counter()
     for sample, row in zip(samples, objects):
         source = sample.meta["source"]
@@ -167,7 +83,7 @@ def test_annotation_counts_match_the_files(samples):
 
 
 def test_expressions_tuples_joined_synonyms_kept(samples, annotations_root):
-    objects = [r["Objects"] for r in _csv_dicts(annotations_root / "pixcvbench" / "Objects.csv")]
+    objects = [r["Objects"] for r in csv_dicts(annotations_root / "pixcvbench" / "Objects.csv")]
     for sample, cell in zip(samples, objects):
         if cell.startswith("("):
             parts = list(ast.literal_eval(cell))

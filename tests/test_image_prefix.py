@@ -177,10 +177,11 @@ def test_pipeline_encodes_each_prefix_once_and_keeps_the_records():
             assert a["grounding"]["points"] == b["grounding"]["points"], a["key"]
 
 
-def test_share_image_prefix_is_ignored_for_families_that_cannot():
-    pipeline = _pipeline(model="tiny-qwen2-vl", share_image_prefix=True, protocols=(1,))
-    assert not pipeline.shares_image_prefix
-    assert pipeline._image_prefixes([]) is None
+def test_share_image_prefix_is_refused_for_families_that_cannot():
+    from pixfound.errors import UserError
+
+    with pytest.raises(UserError, match="LLaVA families only"):
+        _pipeline(model="tiny-qwen2-vl", share_image_prefix=True, protocols=(1,))
 
 
 def test_cpp_kernel_backend_runs_the_pipeline_and_matches_torch():

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
 from PIL import Image
 
 from pixfound.data.sample import Sample
+from pixfound.errors import UserError
 from pixfound.models import (
     FAMILIES,
     TINY_MODELS,
@@ -81,8 +83,16 @@ def test_load_model_errors(tmp_path, monkeypatch):
         load_model(str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download someone/not-cached-model"):
+    with pytest.raises(UserError, match="hf download someone/not-cached-model"):
         load_model("someone/not-cached-model")
+    # Not offline, but the hub cannot be reached: the same advice at once, not after half a minute of retries.
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    started = time.monotonic()
+    with pytest.raises(UserError, match="hub.invalid cannot be reached.*hf download someone/not-cached-model"):
+        load_model("someone/not-cached-model")
+    assert time.monotonic() - started < 10
     with pytest.raises(ValueError, match="non-empty str"):
         load_model("")
     with pytest.raises(ValueError, match="unknown tiny model 'tiny-gpt'"):

@@ -271,7 +271,10 @@ def test_resume_refuses_other_settings(tmp_path, synthetic_samples):
 def test_limit_then_resume_with_a_larger_limit_reuses_records(tmp_path, synthetic_samples):
     run_evaluation(_config(tmp_path, limit=5), pipeline_factory=FakePipeline, samples=synthetic_samples)
     second = FakePipeline(_config(tmp_path))
-    summary = run_evaluation(_config(tmp_path, limit=8, resume=True), pipeline_factory=lambda c: second,
+    with pytest.raises(ConfigMismatchError, match="--extend"):
+        run_evaluation(_config(tmp_path, limit=8, resume=True), pipeline_factory=lambda c: second,
+                       samples=synthetic_samples)
+    summary = run_evaluation(_config(tmp_path, limit=8, resume=True, extend=True), pipeline_factory=lambda c: second,
                              samples=synthetic_samples)
     assert {sample_id for sample_id, _ in second.calls} == {s.id for s in synthetic_samples[5:8]}
     assert summary["counts"]["samples"] == 8

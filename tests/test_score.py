@@ -49,9 +49,9 @@ def predictions(tmp_path, samples):
     rgb[coloured.gt_mask] = (255, 0, 0)
     Image.fromarray(rgb).save(folder / f"{coloured.id}.png")
     expected[coloured.id] = 1.0
-    _save(~by_position.gt_mask, folder / f"{by_position.index}.png")  # named by benchmark position
-    expected[by_position.id] = 0.0
-    written = {exact.id, partial.id, doubled.id, coloured.id, by_position.id}
+    # named by its benchmark position, not its id: it names no sample, and the sample is missing
+    _save(~by_position.gt_mask, folder / f"{by_position.index}.png")
+    written = {exact.id, partial.id, doubled.id, coloured.id}
     missing = [s.id for s in samples if s.id not in written]
     for sample in samples:
         if sample.id in missing:
@@ -70,6 +70,8 @@ def test_score_predictions_known_ious(samples, predictions):
     assert [entry["sample_id"] for entry in summary["resized"]] == resized
     assert summary["resized"][0]["prediction_hw"] == [2 * v for v in summary["resized"][0]["image_hw"]]
     assert sorted(summary["missing"]) == sorted(missing)
+    ids = {s.id for s in samples}
+    assert summary["unmatched"] == sorted(p.stem for p in folder.glob("*.png") if p.stem not in ids) != []
     assert summary["table"][0]["M"] == pytest.approx(100 * summary["miou"]["external"]["miou"])
     assert summary["table"][0]["A"] is None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import inspect
 import pathlib
+from pixfound.errors import UserError
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -40,15 +41,15 @@ def load_benchmark(name: str, root: Optional[Union[str, pathlib.Path]] = None, *
     """
     key = name.strip().lower() if isinstance(name, str) else name
     if key not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; known benchmarks: {', '.join(BENCHMARKS)}")
+        raise UserError(f"unknown benchmark {name!r}; known benchmarks: {', '.join(BENCHMARKS)}")
     loader = BENCHMARKS[key]
     accepted = [p.name for p in inspect.signature(loader).parameters.values()
                 if p.kind is inspect.Parameter.KEYWORD_ONLY]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise ValueError(f"benchmark {key!r} does not take option(s) {unknown}; it takes {accepted}")
+        raise UserError(f"benchmark {key!r} does not take option(s) {unknown}; it takes {accepted}")
     if key != "synthetic" and root is None:
-        raise ValueError(f"benchmark {key!r} needs a data root: the folder with its files (--data-root DIR)")
+        raise UserError(f"benchmark {key!r} needs a data root: the folder with its files (--data-root DIR)")
     return loader(root, **options)
 
 

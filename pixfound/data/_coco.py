@@ -14,6 +14,7 @@ import math
 import pathlib
 import re
 import warnings
+from pixfound.errors import MissingFileError
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -78,7 +79,7 @@ class CsvRow:
 
 def require_file(path: pathlib.Path, what: str) -> pathlib.Path:
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise MissingFileError(f"{what} not found: {path}")
     return path
 
 

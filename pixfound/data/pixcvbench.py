@@ -28,6 +28,7 @@ import ast
 import json
 import pathlib
 import re
+from pixfound.errors import MissingFileError
 from typing import Optional, Union
 
 from ._coco import (CocoFile, CsvRow, LazyMask, ProblemLog, as_int, fail, load_coco, read_csv, require_file,
@@ -83,8 +84,9 @@ def _find_questions_file(root: pathlib.Path) -> pathlib.Path:
     for name in ("test.parquet", "test.jsonl"):
         if (root / name).is_file():
             return root / name
-    raise FileNotFoundError(f"CV-Bench questions not found: neither {root / 'test.parquet'} nor "
-                            f"{root / 'test.jsonl'} exists (pass questions_file=…)")
+    raise MissingFileError(f"CV-Bench questions not found: neither {root / 'test.parquet'} nor "
+                           f"{root / 'test.jsonl'} exists; put CV-Bench's test.parquet (or test.jsonl) into "
+                           f"{root} (README: Benchmarks and data)")
 
 
 def read_cvbench_rows(path: pathlib.Path, log: ProblemLog) -> list[tuple[str, dict]]:
@@ -154,7 +156,7 @@ def _find_json(root: pathlib.Path, source: str) -> pathlib.Path:
         if root.joinpath(*parts).is_file():
             return root.joinpath(*parts)
     tried = ", ".join(str(root.joinpath(*p)) for p in _JSON_CANDIDATES[source])
-    raise FileNotFoundError(f"PixCV-Bench {source} segmentations not found (tried {tried})")
+    raise MissingFileError(f"PixCV-Bench {source} segmentations not found (tried {tried})")
 
 
 def _images_base(base: pathlib.Path) -> pathlib.Path:
@@ -196,7 +198,7 @@ def load_pixcvbench(root: Union[str, pathlib.Path], *, strict: bool = True, requ
     """
     root = pathlib.Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"PixCV-Bench root folder not found: {root}")
+        raise MissingFileError(f"PixCV-Bench root folder not found: {root}")
     images_base = _images_base(pathlib.Path(images_root) if images_root is not None else root)
     questions_path = require_file(pathlib.Path(questions_file), "CV-Bench questions file") \
         if questions_file is not None else _find_questions_file(root)
@@ -328,8 +330,9 @@ def load_pixcvbench(root: Union[str, pathlib.Path], *, strict: bool = True, requ
 
     for obj_id in sorted(set(objects) - seen_ids):
         obj = objects[obj_id][0]
+        # a PixCV-Bench entry without its CV-Bench question: a sample the run cannot evaluate
         log.report(objects_path, obj.location(), f"row count mismatch ({count_note}): Id {obj_id} "
-                   f"has no 2D row in {questions_path.name}")
+                   f"has no 2D row in {questions_path.name}", str(obj_id))
     for source, coco in cocos.items():
         for image in coco.images:
             if image.id not in used_images[source] and image.id >= next_position[source]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+from pixfound.errors import MissingFileError
 from typing import Optional, Union
 
 from ._coco import (CsvRow, LazyMask, ProblemLog, as_int, load_coco, read_csv, require_file,
@@ -101,7 +102,7 @@ def load_pixmmvp(root: Union[str, pathlib.Path], *, strict: bool = True, require
     """
     root = pathlib.Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"PixMMVP root folder not found: {root}")
+        raise MissingFileError(f"PixMMVP root folder not found: {root}")
     image_dir = pathlib.Path(images_dir) if images_dir is not None else root / IMAGES_DIR
     patterns_path = root / "visual_patterns.csv"
     if questions_file is not None:
@@ -111,7 +112,7 @@ def load_pixmmvp(root: Union[str, pathlib.Path], *, strict: bool = True, require
     elif patterns_path.is_file():
         questions_path = patterns_path
     else:
-        raise FileNotFoundError(f"PixMMVP questions not found: neither {root / 'Questions.csv'} "
+        raise MissingFileError(f"PixMMVP questions not found: neither {root / 'Questions.csv'} "
                                 f"nor {patterns_path} exists")
     objects_path = root / "Objects.csv"
     json_path = root / "Segmentations.json"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+from pixfound.errors import DataError
 from typing import Callable, Optional
 
 import numpy as np
@@ -38,7 +39,8 @@ class Sample:
         return self.mask_loader()
 
     def load_image(self):
-        """The image as an RGB ``PIL.Image``."""
+        """The image as an RGB ``PIL.Image``; a missing or unreadable file is a :class:`BadDataError`
+        naming the file."""
         if self.image_loader is not None:
             return self.image_loader()
         if self.image_path is None:
@@ -47,9 +49,12 @@ class Sample:
 
         path = pathlib.Path(self.image_path)
         if not path.is_file():
-            raise FileNotFoundError(f"image for sample {self.id} not found: {path}")
-        with Image.open(path) as im:
-            return im.convert("RGB")
+            raise MissingImageError(DataProblem(str(path), "", "image file not found", str(self.id)))
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as error:  # what PIL raises for broken files
+            raise BadDataError(DataProblem(str(path), "", f"image file cannot be read ({error})", str(self.id))) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,7 +82,7 @@ class DataProblem:
         return f"{where}: {self.reason}{who}"
 
 
-class BadDataError(ValueError):
+class BadDataError(DataError):
     """A benchmark file holds something the loader cannot use; the message names file and row."""
 
     def __init__(self, problem: DataProblem):
@@ -115,3 +120,17 @@ class BenchmarkSamples(list):
 
     def __repr__(self) -> str:
         return f"BenchmarkSamples(name={self.name!r}, n={len(self)}, skipped={len(self.skipped)})"
+
+
+def unreadable_images(samples: "list[Sample]") -> list[DataProblem]:
+    """Decode every sample's image file in full: missing, truncated or unreadable files, one
+    problem each (a header check alone misses a truncated JPEG). In-memory images are not checked."""
+    problems = []
+    for sample in samples:
+        if sample.image_loader is not None or sample.image_path is None:
+            continue
+        try:
+            sample.load_image()
+        except BadDataError as error:
+            problems.append(error.problem)
+    return problems

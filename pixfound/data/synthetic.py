@@ -26,6 +26,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from pixfound.errors import UserError
+
 from .sample import BenchmarkSamples, Sample
 
 SHAPES = ("circle", "square", "triangle")
@@ -256,7 +258,7 @@ def _pair_scenes(seed: int, k: int, size: tuple[int, int]):
         except _NoRoom:
             continue
     else:
-        raise ValueError(f"synthetic: cannot fit the scenes of pair {k} into size {size}; use a larger size")
+        raise UserError(f"synthetic: cannot fit the scenes of pair {k} into size {size}; use a larger size")
     for scene in scenes:
         scene.background = int(rng.integers(200, 246))
     order = [int(i) for i in rng.permutation(2)]  # which answer comes first within the pair
@@ -265,15 +267,15 @@ def _pair_scenes(seed: int, k: int, size: tuple[int, int]):
 
 def _check_args(n: int, seed: int, size: Sequence[int]) -> tuple[int, int]:
     if isinstance(n, bool) or not isinstance(n, int) or n < 2 or n % 2:
-        raise ValueError(f"synthetic: n must be an even integer >= 2 (samples come in pairs), got {n!r}")
+        raise UserError(f"synthetic: n must be an even integer >= 2 (samples come in pairs), got {n!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"synthetic: seed must be a non-negative integer, got {seed!r}")
+        raise UserError(f"synthetic: seed must be a non-negative integer, got {seed!r}")
     try:
         height, width = (int(v) for v in size)
     except (TypeError, ValueError):
-        raise ValueError(f"synthetic: size must be (H, W), got {size!r}") from None
+        raise UserError(f"synthetic: size must be (H, W), got {size!r}") from None
     if height < MIN_SIDE or width < MIN_SIDE:
-        raise ValueError(f"synthetic: size (H, W) must be at least {MIN_SIDE} on each side, got {tuple(size)}")
+        raise UserError(f"synthetic: size (H, W) must be at least {MIN_SIDE} on each side, got {tuple(size)}")
     return height, width
 
 
@@ -287,7 +289,7 @@ def load_synthetic(root=None, *, n: int = 16, seed: int = 0, size: Sequence[int]
     masks can be re-derived from geometry.
     """
     if root is not None:
-        raise ValueError(f"the synthetic benchmark reads no files; got root={root!r}")
+        raise UserError(f"the synthetic benchmark reads no files; got root={root!r}")
     size = _check_args(n, seed, size)
     samples = BenchmarkSamples(name="synthetic")
     for k in range(n // 2):

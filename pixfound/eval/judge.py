@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence, runtime_checkabl
 
 from PIL import Image, ImageDraw, ImageFont
 
-from pixfound.errors import JudgeError
+from pixfound.errors import JudgeError, UserError
 from pixfound.eval.prompts import JUDGE_SYSTEM_PROMPT, judge_prompt
 
 __all__ = [
@@ -216,7 +216,7 @@ class OpenAIJudge:
         sleep: Callable[[float], None] = time.sleep,
     ):
         if not model:
-            raise ValueError("OpenAIJudge needs a model name, e.g. openai:gpt-4o")
+            raise UserError("OpenAIJudge needs a model name, e.g. openai:gpt-4o")
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         if timeout <= 0:
@@ -224,10 +224,10 @@ class OpenAIJudge:
         base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
         parsed = urllib.parse.urlsplit(base_url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise ValueError(f"judge base_url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {base_url!r}")
+            raise UserError(f"judge base_url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {base_url!r}")
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         if not key and parsed.hostname == "api.openai.com":
-            raise ValueError("the OpenAI judge needs an API key: set the OPENAI_API_KEY environment variable")
+            raise UserError("the OpenAI judge needs an API key: set the OPENAI_API_KEY environment variable")
         self.model = model
         self.base_url = base_url
         self.url = base_url + "/chat/completions"
@@ -449,7 +449,7 @@ def make_judge(
     backend, sep, model = spec.strip().partition(":")
     backend = backend.lower()
     if not sep or not model.strip():
-        raise ValueError(f"--judge {spec!r}: expected openai:MODEL, hf:MODEL or none")
+        raise UserError(f"--judge {spec!r}: expected openai:MODEL, hf:MODEL or none")
     model = model.strip()
     if backend == "openai":
         return OpenAIJudge(model, base_url=base_url, **options)
@@ -459,4 +459,4 @@ def make_judge(
 
             adapter = load_model(model)
         return HFJudge(adapter, name=f"hf:{model}", **options)
-    raise ValueError(f"--judge {spec!r}: unknown backend {backend!r}; expected openai:MODEL, hf:MODEL or none")
+    raise UserError(f"--judge {spec!r}: unknown backend {backend!r}; expected openai:MODEL, hf:MODEL or none")

@@ -32,6 +32,7 @@ import logging
 import os
 import pathlib
 import time
+from pixfound.errors import MissingFileError, UserError
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -656,9 +657,7 @@ def build_pipeline(config: EvalConfig, *, need_vectors: Optional[bool] = None, n
 
     config = config.resolved()
     torch.manual_seed(config.seed)
-    device = worker_device(config.device)
-    adapter = load_eval_model(config.model, device, config.dtype)
-    segmenter = load_segmenter(dataclasses.replace(config, device=device))
+    # What a user is most likely to lack loads first, before the (slow) model: spaCy, vectors.
     grounds = any(p in (1, 3) for p in config.protocols)
     nlp = load_spacy(config.spacy_pipeline) if grounds or need_vectors else None
     vectors = None
@@ -667,11 +666,21 @@ def build_pipeline(config: EvalConfig, *, need_vectors: Optional[bool] = None, n
 
         vectors = load_phrase_vectors(config.phrase_vectors, nlp=nlp, device="cpu")
     judge = None
-    if need_judge if need_judge is not None else config.judge.strip().lower() not in ("", "none"):
-        spec = config.judge
-        _, _, judge_model = spec.partition(":")
-        reuse = adapter if spec.lower().startswith("hf:") and judge_model.strip() == config.model else None
-        judge = make_judge(spec, base_url=config.judge_base_url, adapter=reuse)
+    wants_judge = need_judge if need_judge is not None else config.has_judge
+    _, _, judge_model = config.judge.partition(":")
+    # an hf judge naming the evaluated model reuses it; any other judge is built (and checked) first
+    reuse_model = wants_judge and config.judge.lower().startswith("hf:") and judge_model.strip() == config.model
+    if wants_judge and not reuse_model:
+        judge = make_judge(config.judge, base_url=config.judge_base_url)
+    device = worker_device(config.device)
+    adapter = load_eval_model(config.model, device, config.dtype)
+    if reuse_model:
+        judge = make_judge(config.judge, base_url=config.judge_base_url, adapter=adapter)
+    if config.share_image_prefix and not getattr(adapter, "shares_image_prefix", False):
+        raise UserError(f"--share-image-prefix works for the LLaVA families only; {config.model} "
+                        f"({getattr(adapter, 'family', '?')}) places its image tokens with positions that a "
+                        "shared prefix cannot keep. Leave the flag out")
+    segmenter = load_segmenter(dataclasses.replace(config, device=device))
     return GroundingPipeline(adapter, segmenter, nlp, config=config, vectors=vectors, judge=judge)
 
 
@@ -680,8 +689,28 @@ def build_pipeline(config: EvalConfig, *, need_vectors: Optional[bool] = None, n
 # ---------------------------------------------------------------------------------------------
 
 
+def ground_outputs(image_path: Union[str, pathlib.Path], output: Union[str, pathlib.Path], *,
+                   force: bool = False) -> tuple[pathlib.Path, pathlib.Path]:
+    """The PNG and JSON paths ``pixfound ground`` writes for ``output``, checked: never the input
+    image, and never an earlier result unless ``force``."""
+    from pixfound.errors import OutputExistsError
+
+    output = pathlib.Path(output)
+    targets = (output.with_suffix(".png"), output.with_suffix(".json"))
+    source = pathlib.Path(image_path)
+    for target in targets:
+        if source.exists() and target.exists() and target.resolve() == source.resolve():
+            raise UserError(f"--output {output} would write {target}, which is the input image; choose another "
+                            "--output")
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not force:
+        raise OutputExistsError(f"{' and '.join(existing)} already exist; pass --force to replace them, or choose "
+                                "another --output")
+    return targets
+
+
 def ground_demo(pipeline: GroundingPipeline, image_path: Union[str, pathlib.Path], prompt: str, *,
-                expression: Optional[str] = None, output: Union[str, pathlib.Path]) -> dict:
+                expression: Optional[str] = None, output: Union[str, pathlib.Path], force: bool = False) -> dict:
     """Answer ``prompt`` about one image, ground every noun phrase, write ``<output>.png`` and ``<output>.json``.
 
     The PNG has one row per phrase (label: the phrase), showing its point and its 3 SAM candidates.
@@ -694,14 +723,14 @@ def ground_demo(pipeline: GroundingPipeline, image_path: Union[str, pathlib.Path
 
     path = pathlib.Path(image_path)
     if not path.is_file():
-        raise FileNotFoundError(f"--image {path} does not exist")
+        raise MissingFileError(f"--image {path} does not exist")
     try:
         with Image.open(path) as opened:
             image = opened.convert("RGB")
     except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"--image {path} is not a readable image: {error}") from None
+        raise UserError(f"--image {path} is not a readable image: {error}") from None
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("--prompt must be a non-empty text")
+        raise UserError("--prompt must be a non-empty text")
     item = _CachedImageSample(path.stem, image)
     expression = expression.strip() if expression else None
     generations, _ = pipeline.generate([item], [prompt], capture=pipeline.config.capture, protocol=1)
@@ -725,9 +754,8 @@ def ground_demo(pipeline: GroundingPipeline, image_path: Union[str, pathlib.Path
         if selection.candidate is not None:
             row = [p.index for p in result.phrases].index(selection.candidate.phrase_index)
             chosen = (row, selection.candidate.mask_index)
-    output = pathlib.Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    png = output.with_suffix(".png")
+    png, json_path = ground_outputs(path, output, force=force)
+    png.parent.mkdir(parents=True, exist_ok=True)
     render_ground_grid(image, phrase_rows, result.points.tolist(), [list(m) for m in masks], png,
                        title=f"{prompt}\n→ {generation.text}", chosen=chosen, scores=scores.tolist())
     payload = {
@@ -746,5 +774,5 @@ def ground_demo(pipeline: GroundingPipeline, image_path: Union[str, pathlib.Path
     }
     from pixfound.eval.records import write_json_atomic
 
-    write_json_atomic(output.with_suffix(".json"), payload)
+    write_json_atomic(json_path, payload)
     return payload

@@ -28,6 +28,7 @@ import tempfile
 import time
 from typing import Any, Iterable, Optional, Sequence, Union
 
+from pixfound.errors import UserError
 from pixfound.eval.config import EvalConfig
 
 __all__ = [
@@ -36,6 +37,9 @@ __all__ = [
     "RunPaths",
     "applicable_protocols",
     "check_resume_compatible",
+    "check_selection",
+    "record_selection",
+    "selection_identity",
     "collect_records",
     "default_output_dir",
     "expected_keys",
@@ -47,13 +51,14 @@ __all__ = [
     "versions",
     "write_json_atomic",
     "write_jsonl_atomic",
+    "write_text_atomic",
     "write_or_check_run_json",
 ]
 
 logger = logging.getLogger("pixfound.eval")
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(UserError):
     """``--resume`` on a folder whose run.json was made with other settings or versions."""
 
 
@@ -163,33 +168,49 @@ def read_jsonl(path: pathlib.Path, *, allow_partial_tail: bool = True) -> tuple[
 
 
 class RecordWriter:
-    """Appends records to a JSONL file, one line each, flushed as soon as it is written."""
+    """Appends records to a JSONL file, one line each, written through as soon as it is complete.
+
+    A failed write (a full disk) cuts the file back to its last complete line before the error
+    goes on, so the file stays valid and ``--resume`` continues from there.
+    """
 
     def __init__(self, path: pathlib.Path):
         self.path = pathlib.Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         repair_jsonl_tail(self.path)
-        self._handle = open(self.path, "a", encoding="utf-8")
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         self.write_seconds = 0.0
         self.count = 0
 
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+
     def write(self, record: dict) -> None:
         started = time.perf_counter()
-        line = json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        self._handle.write(line + "\n")
-        self._handle.flush()
+        data = (json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":")) + "\n").encode("utf-8")
+        end = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            self._write_all(data)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, end)  # no half record stays behind
+            if error.filename is None:
+                error.filename = str(self.path)
+            raise
         self.write_seconds += time.perf_counter() - started
         self.count += 1
 
     def sync(self) -> None:
         """Flush to stable storage (once per batch: survives a power cut, not only a kill)."""
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        os.fsync(self._fd)
 
     def close(self) -> None:
-        if not self._handle.closed:
-            self._handle.flush()
-            self._handle.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def __enter__(self) -> "RecordWriter":
         return self
@@ -260,14 +281,21 @@ def sort_key(record: dict) -> tuple:
     return (int(record.get("index", 0)), int(record.get("protocol", 0)), str(record.get("sample_id", "")))
 
 
-def write_jsonl_atomic(path: pathlib.Path, records: Iterable[dict]) -> None:
-    """Write ``records`` to ``path`` through a temporary file and a rename (never half a file)."""
+def _default_mode() -> int:
+    """The permissions an ordinary new file gets here (0o666 less the umask); mkstemp makes 0o600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _write_atomic(path: pathlib.Path, write: Any) -> None:
+    """Write ``path`` through a temporary file and a rename: never half a file, never a lost old one."""
     path = pathlib.Path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _default_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":")) + "\n")
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
@@ -277,18 +305,29 @@ def write_jsonl_atomic(path: pathlib.Path, records: Iterable[dict]) -> None:
         raise
 
 
+def write_jsonl_atomic(path: pathlib.Path, records: Iterable[dict]) -> None:
+    """Write ``records`` to ``path`` through a temporary file and a rename (never half a file)."""
+
+    def write(handle: Any) -> None:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":")) + "\n")
+
+    _write_atomic(path, write)
+
+
 def write_json_atomic(path: pathlib.Path, payload: Any) -> None:
-    path = pathlib.Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2, ensure_ascii=False, allow_nan=False)
-            handle.write("\n")
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
+    """Write ``payload`` as indented JSON to ``path`` through a temporary file and a rename."""
+
+    def write(handle: Any) -> None:
+        json.dump(payload, handle, indent=2, ensure_ascii=False, allow_nan=False)
+        handle.write("\n")
+
+    _write_atomic(path, write)
+
+
+def write_text_atomic(path: pathlib.Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    _write_atomic(path, lambda handle: handle.write(text))
 
 
 def merge_records(paths: RunPaths, keep: Optional[set[str]] = None) -> list[dict]:
@@ -351,16 +390,22 @@ def check_resume_compatible(paths: RunPaths, config: EvalConfig, components: Opt
     return stored
 
 
-def write_or_check_run_json(paths: RunPaths, config: EvalConfig, components: dict) -> None:
-    """Create run.json (atomically, first writer wins) or check that it matches this run."""
+def write_or_check_run_json(paths: RunPaths, config: EvalConfig, components: dict,
+                            selection: Optional[dict] = None) -> None:
+    """Create run.json (atomically, first writer wins) or check that it matches this run.
+
+    ``selection`` (:func:`selection_identity`) records which samples the run covers.
+    """
     payload = {
         "config": config.resolved().to_dict(),
+        "selection": selection,
         "versions": versions(),
         "components": components,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": sys.argv,
     }
     fd, tmp_name = tempfile.mkstemp(prefix="run.json.", suffix=".tmp", dir=paths.root)
+    os.fchmod(fd, _default_mode())
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(payload, handle, indent=2, ensure_ascii=False)
         handle.write("\n")
@@ -373,6 +418,58 @@ def write_or_check_run_json(paths: RunPaths, config: EvalConfig, components: dic
         os.unlink(tmp_name)
     if not created:
         check_resume_compatible(paths, config, components)
+
+
+def _ids_digest(ids: Sequence[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()
+
+
+def selection_identity(sample_ids: Sequence[Any], limit: Optional[int]) -> dict:
+    """Which samples a run covers: its ``--limit`` and a digest of the selected sample ids, in order."""
+    ids = [str(i) for i in sample_ids]
+    return {"limit": limit, "samples": len(ids), "ids_sha256": _ids_digest(ids)}
+
+
+def check_selection(paths: RunPaths, sample_ids: Sequence[Any], limit: Optional[int], *, extend: bool) -> Optional[dict]:
+    """On ``--resume``: the samples must be the run's own, or, with ``extend``, more samples that
+    start with the run's own. Returns the selection to record in run.json when it grows, else None.
+    """
+    try:
+        stored = json.loads(paths.run_json.read_text(encoding="utf-8")).get("selection")
+    except (OSError, ValueError):
+        return None  # check_resume_compatible reports an unreadable run.json
+    if not stored:
+        return None  # written before run.json recorded the selection
+    current = selection_identity(sample_ids, limit)
+    if current == stored:
+        return None
+    ids = [str(i) for i in sample_ids]
+    grows = len(ids) > stored["samples"] and _ids_digest(ids[:stored["samples"]]) == stored["ids_sha256"]
+    if grows and extend:
+        return current
+    if grows:
+        raise ConfigMismatchError(
+            f"cannot resume {paths.root}: it was started with --limit {stored['limit']} ({stored['samples']} samples), "
+            f"now {limit if limit is not None else 'no limit'} ({len(ids)} samples); pass the same --limit, or add "
+            "--extend to evaluate the added samples too")
+    if stored["samples"] == len(ids) or stored["limit"] == limit:
+        raise ConfigMismatchError(
+            f"cannot resume {paths.root}: the benchmark's samples are not the ones the run started with "
+            f"({stored['samples']} then, {len(ids)} now, not the same ids); did the data root change? Start a new "
+            "run with another --output")
+    raise ConfigMismatchError(
+        f"cannot resume {paths.root}: it was started with --limit {stored['limit']} ({stored['samples']} samples); "
+        f"--limit {limit} would evaluate fewer or other samples. Pass the same --limit")
+
+
+def record_selection(paths: RunPaths, selection: dict) -> None:
+    """Store a grown selection in run.json (after ``--resume --extend``)."""
+    payload = json.loads(paths.run_json.read_text(encoding="utf-8"))
+    payload["selection"] = selection
+    payload["config"]["limit"] = selection["limit"]
+    write_json_atomic(paths.run_json, payload)
 
 
 def applicable_protocols(sample: Any, protocols: Sequence[int]) -> list[int]:

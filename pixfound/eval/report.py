@@ -21,12 +21,14 @@ import logging
 import math
 import pathlib
 import statistics
+from pixfound.errors import MissingFileError, UserError
 from collections import defaultdict
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
 from pixfound.eval import metrics
+from pixfound.eval.figures import new_figure, plot_note
 
 __all__ = [
     "STAGES",
@@ -366,6 +368,10 @@ def context_lines(summary: dict) -> list[str]:
     coverage = summary.get("coverage")
     if coverage:
         lines.append(coverage["text"])
+    for key, block in (summary.get("accuracy") or {}).items():
+        if block and block.get("incomplete_pairs_dropped"):
+            lines.append(f"protocol {key[1:]}: {block['incomplete_pairs_dropped']} question(s) of incomplete pairs "
+                         "left out of the pair accuracy")
     return lines
 
 
@@ -457,21 +463,12 @@ def render_markdown(summary: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _new_figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def plot_failure_bins(failure: dict, path: pathlib.Path) -> Optional[pathlib.Path]:
-    """Grouped bar chart of the pair-level failure bins per selection strategy."""
+def plot_failure_bins(failure: dict, path: pathlib.Path, *, note: str = "") -> Optional[pathlib.Path]:
+    """Grouped bar chart of the pair-level failure bins per selection strategy; ``note`` under the title."""
     strategies = [s for s, bins in failure.items() if bins]
     if not strategies:
         return None
-    figure = _new_figure(7, 3.6)
+    figure = new_figure(7, 3.6)
     axes = figure.add_subplot(1, 1, 1)
     width = 0.8 / len(strategies)
     positions = np.arange(len(metrics.FAILURE_BINS))
@@ -481,7 +478,7 @@ def plot_failure_bins(failure: dict, path: pathlib.Path) -> Optional[pathlib.Pat
     axes.set_xticks(positions)
     axes.set_xticklabels([b.replace("_", " ") for b in metrics.FAILURE_BINS])
     axes.set_ylabel("pairs")
-    axes.set_title("Failure bins (pair level)")
+    axes.set_title("Failure bins (pair level)" + (f"\n{note}" if note else ""), fontsize=9)
     axes.legend()
     figure.tight_layout()
     figure.savefig(path)
@@ -490,24 +487,26 @@ def plot_failure_bins(failure: dict, path: pathlib.Path) -> Optional[pathlib.Pat
 
 def write_reports(root: Union[str, pathlib.Path], summary: dict, records: Sequence[dict]) -> dict:
     """Write summary.json, summary.md, failure_bins.png, when.json and when.png into ``root``."""
-    from pixfound.eval.records import write_json_atomic
+    from pixfound.eval.records import write_json_atomic, write_text_atomic
     from pixfound.eval.when import plot_when
 
     root = pathlib.Path(root)
     written = {}
-    write_json_atomic(root / "summary.json", summary)
-    written["summary.json"] = root / "summary.json"
-    (root / "summary.md").write_text(render_markdown(summary), encoding="utf-8")
+    note = plot_note(summary)
+    write_text_atomic(root / "summary.md", render_markdown(summary))
     written["summary.md"] = root / "summary.md"
-    if plot_failure_bins(summary.get("failure_bins") or {}, root / "failure_bins.png"):
+    if plot_failure_bins(summary.get("failure_bins") or {}, root / "failure_bins.png", note=note):
         written["failure_bins.png"] = root / "failure_bins.png"
     when = summary.get("when")
     if when is not None:
         write_json_atomic(root / "when.json", when)
         written["when.json"] = root / "when.json"
         if when.get("n"):
-            plot_when(when, root / "when.png")
+            plot_when(when, root / "when.png", note=note)
             written["when.png"] = root / "when.png"
+    # Last: a summary.json means the run's reports are complete.
+    write_json_atomic(root / "summary.json", summary)
+    written["summary.json"] = root / "summary.json"
     return written
 
 
@@ -522,27 +521,56 @@ def load_summary(run_dir: Union[str, pathlib.Path]) -> dict:
     if path.is_dir():
         path = path / "summary.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no summary.json in {run_dir} (is it a finished `pixfound eval` or `pixfound score` run?)")
+        raise MissingFileError(f"no summary.json in {run_dir} (is it a finished `pixfound eval` or `pixfound score` run?)")
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
+        raise UserError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(summary, dict) or "table" not in summary:
-        raise ValueError(f"{path} is not a pixfound summary (no 'table')")
+        raise UserError(f"{path} is not a pixfound summary (no 'table')")
     return summary
 
 
+def _run_note(summary: dict) -> str:
+    """What a reader must know beside a run's numbers in a comparison table."""
+    notes = []
+    if (summary.get("components") or {}).get("random_weights"):
+        notes.append("random weights")
+    missing = (summary.get("counts") or {}).get("missing") if summary.get("kind") == "score" else None
+    if missing:
+        notes.append(f"{missing} predictions missing (scored as empty)")
+    recipe = (summary.get("config") or {}).get("recipe")
+    if recipe:
+        notes.append(f"recipe {recipe}" + (" (changed)" if summary.get("recipe_overrides") else ""))
+    if any(r.get(RULE_COLUMN) is not None for r in summary.get("table", [])):
+        notes.append("A† rule: not graded")
+    return "; ".join(notes) or "–"
+
+
+def _samples_cell(summary: dict) -> str:
+    coverage = summary.get("coverage")
+    if coverage:
+        return f"{coverage['evaluated']}/{coverage['benchmark_samples']}"
+    counts = summary.get("counts") or {}
+    return str(counts.get("samples", "–"))
+
+
 def merge_runs(run_dirs: Sequence[Union[str, pathlib.Path]]) -> tuple[list[dict], str, str]:
-    """Rows of every run's table with a ``run`` column; returns (rows, text table, Markdown table)."""
+    """Rows of every run's table with ``run``, ``samples`` (scored / in the benchmark) and ``note``
+    columns; returns (rows, text table, Markdown table)."""
     if not run_dirs:
-        raise ValueError("pixfound report needs at least one run folder")
+        raise UserError("pixfound report needs at least one run folder")
     rows = []
     for run_dir in run_dirs:
         summary = load_summary(run_dir)
         name = pathlib.Path(run_dir).name or str(run_dir)
         for row in summary["table"]:
-            rows.append({**row, "run": name, "capture": (summary.get("config") or {}).get("capture", "–")})
-    return rows, format_table(rows, extra_columns=("run",)), _markdown_table(rows, extra_columns=("run",))
+            rows.append({**row, "run": name, "samples": _samples_cell(summary), "note": _run_note(summary),
+                         "capture": (summary.get("config") or {}).get("capture", "–")})
+    columns = ("run", "samples")
+    text = format_table(rows, extra_columns=columns) + "\n" + "\n".join(
+        f"{row['run']}: {row['note']}" for row in {r["run"]: r for r in rows}.values() if row["note"] != "–")
+    return rows, text.rstrip("\n"), _markdown_table(rows, extra_columns=(*columns, "note"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -551,12 +579,10 @@ def merge_runs(run_dirs: Sequence[Union[str, pathlib.Path]]) -> tuple[list[dict]
 
 
 def prediction_path(preds_dir: pathlib.Path, sample: Any) -> Optional[pathlib.Path]:
-    """``<preds>/<sample id>.png``, else ``<preds>/<benchmark position>.png`` (0-based); None if neither exists."""
-    for name in (f"{sample.id}.png", f"{sample.index}.png"):
-        candidate = preds_dir / name
-        if candidate.is_file():
-            return candidate
-    return None
+    """``<preds>/<sample id>.png``, or None when there is none. Only the sample id names a file: a
+    name that is also some sample's position would otherwise be read twice."""
+    candidate = preds_dir / f"{sample.id}.png"
+    return candidate if candidate.is_file() else None
 
 
 def read_prediction_mask(path: pathlib.Path) -> np.ndarray:
@@ -593,18 +619,25 @@ def score_predictions(samples: Sequence[Any], preds_dir: Union[str, pathlib.Path
     """Score mask PNGs of another model against the benchmark's ground truth.
 
     Naming: ``<preds>/<sample id>.png`` (PixMMVP: the image number, as in ``MMVP Images/<n>.jpg``;
-    PixCV-Bench: the CV-Bench ``idx``; synthetic: ``s<seed>-<i>``), or ``<preds>/<i>.png`` with
-    ``i`` the 0-based benchmark position. Any non-zero pixel is foreground. A mask whose size
-    differs from the image is resized with nearest neighbour and listed under ``resized``. A
-    missing file counts as an empty prediction (IoU 0, or 1 where the ground truth is empty) and
-    is listed under ``missing``; ``strict=True`` makes a missing file an error.
+    PixCV-Bench: the CV-Bench ``idx``; synthetic: ``s<seed>-<i>``). Any non-zero pixel is
+    foreground. A mask whose size differs from the image is resized with nearest neighbour and
+    listed under ``resized``. A missing file counts as an empty prediction (IoU 0, or 1 where the
+    ground truth is empty too) and is listed under ``missing``; ``strict=True`` makes a missing file
+    an error. A folder without a single prediction for the benchmark is an error. PNG files that
+    name no sample are listed under ``unmatched``.
 
     Returns (summary, per-sample rows); the summary's table has M (mIoU over the samples with an
     expression) and the other columns empty, so ``pixfound report`` can put it beside eval runs.
     """
     preds = pathlib.Path(preds_dir)
     if not preds.is_dir():
-        raise FileNotFoundError(f"--preds {preds} is not a directory")
+        raise MissingFileError(f"--preds {preds} is not a directory")
+    found = {path.stem for path in preds.glob("*.png")}
+    ids = {str(sample.id) for sample in samples}
+    if not found & ids:
+        example = next(iter(samples)).id if samples else "ID"
+        raise UserError(f"--preds {preds} holds no prediction for any of the {len(ids)} samples (expected files "
+                        f"named <sample id>.png, e.g. {example}.png; found {len(found)} PNG file(s))")
     rows, missing, resized, unavailable = [], [], [], []
     for sample in samples:
         try:
@@ -615,7 +648,7 @@ def score_predictions(samples: Sequence[Any], preds_dir: Union[str, pathlib.Path
         path = prediction_path(preds, sample)
         if path is None:
             if strict:
-                raise FileNotFoundError(f"no prediction for sample {sample.id}: expected {preds / (str(sample.id) + '.png')}")
+                raise MissingFileError(f"no prediction for sample {sample.id}: expected {preds / (str(sample.id) + '.png')}")
             missing.append(sample.id)
             pred = np.zeros_like(gt)
         else:
@@ -649,13 +682,15 @@ def score_predictions(samples: Sequence[Any], preds_dir: Union[str, pathlib.Path
         "benchmark": bench,
         "config": {"preds": str(preds), "benchmark": bench, "strict": strict},
         "counts": {"samples": len(rows), "with_expression": len(kept), "missing": len(missing),
-                   "resized": len(resized), "gt_unavailable": len(unavailable)},
+                   "missing_with_expression": sum(1 for r in kept if r["file"] is None),
+                   "unmatched_files": len(found - ids), "resized": len(resized), "gt_unavailable": len(unavailable)},
         "miou": {"external": {"miou": miou, "n": len(kept),
                               "grounding_success": (sum(r["grounded"] for r in kept) / len(kept)) if kept else None,
                               "per_task": {t: float(np.mean(v)) for t, v in sorted(per_task.items())}}},
         "table": [{"model": name, "benchmark": bench, "select": "external", "A_dagger": None, "A": None,
                    "M_dagger": None, "M": _pct(miou), "S": None}],
         "missing": missing,
+        "unmatched": sorted(found - ids),
         "resized": resized,
         "gt_unavailable": unavailable,
     }
@@ -704,7 +739,7 @@ def render_sample_overlay(record: dict, image: Any, gt_mask: Optional[np.ndarray
     has_masks = any("mask_rle" in c for c in candidates)
     rows = 1 + (len(phrases) if has_masks else 0)
     columns = max(top, 4)
-    figure = _new_figure(2.2 * columns, 2.2 * rows + 0.6)
+    figure = new_figure(2.2 * columns, 2.2 * rows + 0.6)
     figure.suptitle(f"{record['sample_id']} · protocol {record['protocol']}\n{record.get('answer', '')[:120]}", fontsize=8)
     axes = figure.add_subplot(rows, columns, 1)
     axes.imshow(rgb)
@@ -751,7 +786,7 @@ def render_ground_grid(image: Any, phrases: Sequence[dict], points: Sequence[Seq
     rgb = np.asarray(image.convert("RGB"))
     rows = max(1, len(phrases))
     columns = 1 + max([len(m) for m in candidate_masks] + [3])
-    figure = _new_figure(2.1 * columns, 2.1 * rows + 0.6)
+    figure = new_figure(2.1 * columns, 2.1 * rows + 0.6)
     figure.suptitle(title[:200], fontsize=8)
     if not phrases:
         axes = figure.add_subplot(1, columns, 1)

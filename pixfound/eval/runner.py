@@ -34,11 +34,14 @@ import time
 from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 from pixfound.eval.config import EvalConfig
+from pixfound.errors import DataError, OutputExistsError, UserError
 from pixfound.eval.records import (RecordWriter, RunPaths, applicable_protocols, check_resume_compatible,
-                                   collect_records, expected_keys, merge_records, record_key, write_json_atomic,
-                                   write_or_check_run_json)
+                                   check_selection, collect_records, expected_keys, merge_records, record_key,
+                                   record_selection, selection_identity, write_json_atomic, write_or_check_run_json,
+                                   write_text_atomic)
 
 __all__ = [
+    "RunInterrupted",
     "Worker",
     "compute_records",
     "finalize_run",
@@ -100,7 +103,7 @@ def worker_from_env(shard: Optional[tuple[int, int]] = None, env: Optional[dict]
     world = int(env.get("WORLD_SIZE", "1") or 1)
     if world > 1:
         if shard is not None:
-            raise ValueError("--shard cannot be combined with torchrun (WORLD_SIZE > 1): torchrun already shards")
+            raise UserError("--shard cannot be combined with torchrun (WORLD_SIZE > 1): torchrun already shards")
         rank = int(env["RANK"])
         return Worker(rank=rank, world=world, kind="torchrun", local_rank=int(env.get("LOCAL_RANK", rank)))
     if shard is not None:
@@ -164,21 +167,21 @@ def prepare_output_dir(config: EvalConfig, worker: Worker, *, check_existing: bo
         raise ValueError("config.output is not set")
     root = pathlib.Path(config.output)
     if root.exists() and not root.is_dir():
-        raise ValueError(f"--output {root} exists and is not a directory")
+        raise UserError(f"--output {root} exists and is not a directory")
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".write-test-{os.getpid()}-{worker.rank}"
         probe.write_text("ok", encoding="utf-8")
         probe.unlink()
     except OSError as error:
-        raise ValueError(f"--output {root} is not writable: {error.strerror or error}") from None
+        raise UserError(f"--output {root} is not writable: {error.strerror or error}") from None
     paths = RunPaths(root)
     if worker.kind == "shard":
         holds_run = paths.samples.exists() or paths.shard_file(worker).exists()
     else:
         holds_run = paths.run_json.exists() or paths.samples.exists()
     if check_existing and holds_run and not config.resume:
-        raise ValueError(
+        raise OutputExistsError(
             f"--output {root} already holds a run (run.json / samples.jsonl); pass --resume to continue it "
             "or choose another --output"
         )
@@ -264,9 +267,12 @@ def compute_records(
         and bool(getattr(pipeline, "overlaps_safely", False))
     try:
         if not staged:
-            for batch in _batches(pending, batch_size):
+            for number, batch in enumerate(_batches(pending, batch_size), start=1):
                 for protocol, todo in units(batch):
+                    started = time.perf_counter()
                     keep(todo, protocol, pipeline.process(todo, protocol))
+                    logger.debug("batch %d: protocol %d, %d sample(s) in %.2f s", number, protocol, len(todo),
+                                 time.perf_counter() - started)
                 pipeline.end_batch()
                 writer.sync()
                 bar.update(len(batch))
@@ -363,9 +369,9 @@ def load_samples(config: EvalConfig) -> Any:
     return load_benchmark(config.benchmark, config.data_root, strict=config.strict)
 
 
-def report_skipped(samples: Any, *, limit: int = 20) -> list[str]:
-    """Log the samples a non-strict load skipped; return their descriptions."""
-    problems = [str(p) for p in getattr(samples, "skipped", [])]
+def report_skipped(skipped: Sequence[Any], *, limit: int = 20) -> list[str]:
+    """Log the data problems a non-strict run skipped; return their descriptions."""
+    problems = [str(p) for p in skipped]
     if problems:
         logger.warning("%d benchmark entr%s skipped (pass --strict to make this fatal):", len(problems),
                        "y was" if len(problems) == 1 else "ies were")
@@ -398,9 +404,40 @@ def run_evaluation(
     return _run(config, worker, group, pipeline_factory, samples)
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: the records written so far are kept; the message says how to continue."""
+
+
+def _check_images(pending: Sequence[Any], strict: bool) -> tuple[list[Any], list[Any]]:
+    """Decode the images of the samples still to evaluate: (usable samples, problems).
+
+    A missing, truncated or unreadable image stops a strict run before any work, naming the file;
+    otherwise its sample is skipped and listed like any other data problem.
+    """
+    from pixfound.data.sample import BadDataError, unreadable_images
+
+    problems = unreadable_images(list(pending))
+    if problems and strict:
+        raise BadDataError(problems[0])
+    bad = {p.sample_id for p in problems}
+    return [s for s in pending if str(s.id) not in bad], problems
+
+
+def _clean_up_empty_run(paths: RunPaths, created_root: bool) -> None:
+    """Remove what a run that failed before its first record left behind, so a plain rerun works."""
+    if any(path.stat().st_size for path in paths.record_files()):
+        return
+    for path in (paths.run_json, paths.samples):
+        path.unlink(missing_ok=True)
+    if created_root:
+        with contextlib.suppress(OSError):
+            paths.root.rmdir()  # only when nothing else is in it
+
+
 def _run(config: EvalConfig, worker: Worker, group: _ProcessGroup, pipeline_factory: Optional[PipelineFactory],
          samples: Optional[Sequence[Any]]) -> Optional[dict]:
     started = time.perf_counter()
+    created_root = config.output is not None and not pathlib.Path(config.output).exists()
     if worker.kind == "torchrun":
         # Rank 0 checks the folder first: the others must not mistake its fresh run.json for an old run.
         if worker.is_main:
@@ -410,16 +447,33 @@ def _run(config: EvalConfig, worker: Worker, group: _ProcessGroup, pipeline_fact
             paths = prepare_output_dir(config, worker, check_existing=False)
     else:
         paths = prepare_output_dir(config, worker)
+    fresh = not paths.run_json.exists()
+    try:
+        return _run_in(paths, config, worker, group, pipeline_factory, samples, started)
+    except BaseException:
+        if worker.kind == "single" and fresh:
+            _clean_up_empty_run(paths, created_root)
+        raise
+
+
+def _run_in(paths: RunPaths, config: EvalConfig, worker: Worker, group: _ProcessGroup,
+            pipeline_factory: Optional[PipelineFactory], samples: Optional[Sequence[Any]], started: float
+            ) -> Optional[dict]:
     benchmark_samples = samples if samples is not None else load_samples(config)
-    skipped = report_skipped(benchmark_samples)
-    skipped_ids = sorted(set(getattr(benchmark_samples, "skipped_ids", [])))
-    totals = {"benchmark_total": len(benchmark_samples) + len(skipped_ids), "skipped": skipped_ids}
+    skipped = report_skipped(getattr(benchmark_samples, "skipped", []))
+    skipped_ids = set(getattr(benchmark_samples, "skipped_ids", []))
     selected = select_samples(benchmark_samples, config.limit)
     if not selected:
-        raise ValueError(f"benchmark {config.benchmark!r} gave no samples to evaluate")
+        raise UserError(f"benchmark {config.benchmark!r} gave no samples to evaluate")
     ids = [s.id for s in selected]
     if len(set(ids)) != len(ids):
-        raise ValueError("benchmark sample ids are not unique; resume cannot work on them")
+        raise DataError("benchmark sample ids are not unique; resume cannot work on them")
+    selection = selection_identity(ids, config.limit)
+    logger.debug("settings: %s", json.dumps(config.to_dict(), sort_keys=True))
+    logger.debug("selection: %s (%d skipped by the loader)", selection, len(skipped))
+    grown = None
+    if config.resume and paths.run_json.exists():
+        grown = check_selection(paths, ids, config.limit, extend=config.extend)
     mine = [selected[i] for i in shard_positions(len(selected), worker.rank, worker.world)]
 
     # Finished keys from every record file (a resumed run, or other ranks' earlier attempts).
@@ -431,7 +485,16 @@ def _run(config: EvalConfig, worker: Worker, group: _ProcessGroup, pipeline_fact
             logger.warning("a half-written record was dropped; it will be computed again")
         logger.info("resume: %d record(s) already done", len(done & set(expected_keys(selected, config.protocols))))
 
-    todo_keys = [k for k in expected_keys(mine, config.protocols) if k not in done]
+    pending = [s for s in mine if any(key not in done for key in expected_keys([s], config.protocols))]
+    usable, image_problems = _check_images(pending, config.strict)
+    if image_problems:
+        skipped += report_skipped(image_problems)
+        skipped_ids |= {p.sample_id for p in image_problems}
+        mine = [s for s in mine if str(s.id) not in {p.sample_id for p in image_problems}]
+        selected = [s for s in selected if str(s.id) not in {p.sample_id for p in image_problems}]
+    totals = {"benchmark_total": len(benchmark_samples) + len(skipped_ids - {str(s.id) for s in benchmark_samples}),
+              "skipped": sorted(skipped_ids)}
+    todo_keys = [k for k in expected_keys(usable, config.protocols) if k not in done]
     load_started = time.perf_counter()
     if pipeline_factory is None:
         from pixfound.eval.pipeline import build_pipeline
@@ -440,26 +503,34 @@ def _run(config: EvalConfig, worker: Worker, group: _ProcessGroup, pipeline_fact
     pipeline = pipeline_factory(config) if todo_keys or not paths.run_json.exists() else None
     load_seconds = time.perf_counter() - load_started
     components = pipeline.components() if pipeline is not None and hasattr(pipeline, "components") else None
+    logger.debug("loaded in %.1f s: %s", load_seconds, json.dumps(components, default=str))
 
     if worker.kind == "torchrun":
         if worker.is_main and components is not None:
-            write_or_check_run_json(paths, config, components)
+            write_or_check_run_json(paths, config, components, selection)
         group.barrier()  # run.json exists from here on
         if not worker.is_main and components is not None:
             check_resume_compatible(paths, config, components)
     elif components is not None:
-        write_or_check_run_json(paths, config, components)
+        write_or_check_run_json(paths, config, components, selection)
+    if grown is not None and worker.is_main:
+        record_selection(paths, grown)
 
     target = paths.shard_file(worker) if worker.writes_shard_file else paths.samples
     compute_started = time.perf_counter()
     written = 0
+    write_seconds = 0.0
     if todo_keys:
         with RecordWriter(target) as writer:
-            written = compute_records(mine, config.protocols, done, pipeline, writer, batch_size=config.batch_size,
-                                      progress=config.progress, worker=worker, overlap=config.overlap)
+            try:
+                written = compute_records(usable, config.protocols, done, pipeline, writer,
+                                          batch_size=config.batch_size, progress=config.progress, worker=worker,
+                                          overlap=config.overlap)
+            except KeyboardInterrupt:
+                raise RunInterrupted(
+                    f"interrupted after {writer.count} record(s) in this run, all kept in {target}; continue with: "
+                    f"pixfound eval --resume --output {paths.root}") from None
             write_seconds = writer.write_seconds
-    else:
-        write_seconds = 0.0
     compute_seconds = time.perf_counter() - compute_started
     logger.info("%s: wrote %d record(s) in %.1f s", worker.tag if worker.kind != "single" else "run", written,
                 compute_seconds)
@@ -531,7 +602,7 @@ def run_template_sweep(config: EvalConfig, *, pipeline_factory: Optional[Pipelin
     if config.output is None:
         raise ValueError("config.output is not set")
     if config.vqa_template is not None or config.grounding_template is not None:
-        raise ValueError("--sweep-templates runs every template; drop --vqa-template / --grounding-template")
+        raise UserError("--sweep-templates runs every template; drop --vqa-template / --grounding-template")
     jobs: list[tuple[str, int, EvalConfig]] = []
     root = pathlib.Path(config.output)
     if 2 in config.protocols:
@@ -544,9 +615,9 @@ def run_template_sweep(config: EvalConfig, *, pipeline_factory: Optional[Pipelin
                 config, protocols=(3,), grounding_template=index,
                 output=str(root / "sweep" / f"grounding-{index:02d}"))))
     if not jobs:
-        raise ValueError("--sweep-templates needs protocol 2 (VQA layouts) and/or 3 (grounding phrasings) in --protocol")
+        raise UserError("--sweep-templates needs protocol 2 (VQA layouts) and/or 3 (grounding phrasings) in --protocol")
     if (root / "sweep.json").exists() and not config.resume:
-        raise ValueError(f"--output {root} already holds a template sweep; pass --resume or choose another --output")
+        raise UserError(f"--output {root} already holds a template sweep; pass --resume or choose another --output")
 
     build = pipeline_factory
     if build is None:
@@ -572,19 +643,23 @@ def run_template_sweep(config: EvalConfig, *, pipeline_factory: Optional[Pipelin
     vqa_rows = [{"template": index, "A": summary["table"][0]["A"]} for kind, index, summary in results if kind == "vqa"]
     grounding_rows = [{"template": index, "M": {row["select"]: row["M"] for row in summary["table"]}}
                       for kind, index, summary in results if kind == "grounding"]
+    from pixfound.eval.figures import plot_note
+
     sweep = {
         "schema": 1,
         "kind": "sweep",
         "model": config.model,
         "benchmark": config.benchmark,
+        # every template ran on the same samples: the first one's coverage stands for all
+        "note": plot_note(results[0][2]),
         "vqa": {"per_template": vqa_rows, "A": report.mean_std(r["A"] for r in vqa_rows)} if vqa_rows else None,
         "grounding": {
             "per_template": grounding_rows,
             "M": {s: report.mean_std(r["M"].get(s) for r in grounding_rows) for s in selects},
         } if grounding_rows else None,
     }
+    write_text_atomic(root / "sweep.md", format_sweep(sweep, markdown=True) + "\n")
     write_json_atomic(root / "sweep.json", sweep)
-    (root / "sweep.md").write_text(format_sweep(sweep, markdown=True) + "\n", encoding="utf-8")
     return sweep
 
 
@@ -602,10 +677,12 @@ def format_sweep(sweep: dict, *, markdown: bool = False) -> str:
     if sweep.get("grounding"):
         for strategy, stats in sweep["grounding"]["M"].items():
             rows.append((f"M (protocol 3, grounding phrasings, {strategy})", cell(stats)))
+    note = sweep.get("note")
     if markdown:
-        lines = [f"# Prompt sensitivity: {sweep['model']} on {sweep['benchmark']}", "",
-                 "| metric | mean ± std (percent) |", "|---|---|"]
+        lines = [f"# Prompt sensitivity: {sweep['model']} on {sweep['benchmark']}", ""]
+        lines += [f"> {note}", ""] if note else []
+        lines += ["| metric | mean ± std (percent) |", "|---|---|"]
         lines += [f"| {name} | {value} |" for name, value in rows]
         return "\n".join(lines)
     width = max(len(name) for name, _ in rows) if rows else 0
-    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+    return "\n".join([f"{name.ljust(width)}  {value}" for name, value in rows] + ([note] if note else []))

@@ -231,21 +231,20 @@ def categorize_concepts(items: Sequence[dict], judge: Any, *, wording: str = "pi
 # ---------------------------------------------------------------------------------------------
 
 
-def plot_when(when: dict, path: Union[str, pathlib.Path]) -> pathlib.Path:
-    """Bar chart of the when-histogram (and of the concept categories when present)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def plot_when(when: dict, path: Union[str, pathlib.Path], *, note: str = "") -> pathlib.Path:
+    """Bar chart of the when-histogram (and of the concept categories when present); ``note`` under the title."""
+    from pixfound.eval.figures import new_figure
 
     concepts = when.get("concepts")
-    figure = Figure(figsize=(10 if concepts else 6, 3.6), dpi=100)
-    FigureCanvasAgg(figure)
+    figure = new_figure(10 if concepts else 6, 3.8)
     axes = figure.add_subplot(1, 2 if concepts else 1, 1)
     axes.bar(range(len(when["counts"])), when["counts"], color="#4363d8")
     axes.set_xticks(range(len(when["labels"])))
     axes.set_xticklabels(when["labels"], rotation=45, ha="right", fontsize=7)
     axes.set_xlabel("start of the oracle phrase in the answer")
     axes.set_ylabel("samples")
-    axes.set_title(f"When does grounding emerge? (protocol {when.get('protocol')}, n={when.get('n')})", fontsize=9)
+    axes.set_title(f"When does grounding emerge? (protocol {when.get('protocol')}, n={when.get('n')})"
+                   + (f"\n{note}" if note else ""), fontsize=9)
     if concepts:
         axes = figure.add_subplot(1, 2, 2)
         names = list(concepts["counts"])
@@ -298,7 +297,13 @@ def run_when(run_dir: Union[str, pathlib.Path], *, protocol: Optional[int] = Non
         result["concepts"] = categorize_concepts(items, judge, wording=wording)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "when.json", result)
-    plot_when(result, out / "when.png")
+    from pixfound.eval.figures import plot_note
+
+    try:
+        summary = json.loads(paths.summary_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = None
+    plot_when(result, out / "when.png", note=plot_note(summary))
     logger.info("wrote %s and %s", out / "when.json", out / "when.png")
     return result
 

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+from pixfound.errors import MissingFileError, UserError
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -104,7 +105,7 @@ class SamSegmenter:
         self.prompt_batch_size = prompt_batch_size
         self.dtype_name = _dtype_name(dtype)
         if self.dtype_name == "float16" and self.device.type == "cpu":
-            raise ValueError("dtype float16 needs a CUDA device for SAM; use bfloat16 on the CPU")
+            raise UserError("dtype float16 needs a CUDA device for SAM; use bfloat16 on the CPU")
 
     # -- images ---------------------------------------------------------------------------------
 
@@ -338,20 +339,20 @@ def load_sam(model_type: str = "vit_h", checkpoint: Optional[Union[str, os.PathL
     from segment_anything import sam_model_registry
 
     if model_type not in SAM_MODEL_TYPES:
-        raise ValueError(f"model_type must be one of {sorted(SAM_MODEL_TYPES)}, got {model_type!r}")
+        raise UserError(f"model_type must be one of {sorted(SAM_MODEL_TYPES)}, got {model_type!r}")
     expected = f"the {model_type} SAM checkpoint (officially {_CHECKPOINT_NAMES[model_type]})"
     if checkpoint is None:
-        raise ValueError(f"load_sam needs checkpoint=PATH to {expected}; tiny_sam() builds a random test model")
+        raise UserError(f"load_sam needs checkpoint=PATH to {expected}; tiny_sam() builds a random test model")
     path = os.fspath(checkpoint)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"SAM checkpoint not found: {path!r} (expected {expected})")
+        raise MissingFileError(f"SAM checkpoint not found: {path!r} (expected {expected})")
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated download, a non-torch file, a pickle with code in it
-        raise ValueError(f"SAM checkpoint {path!r} could not be read as {expected}: "
+        raise UserError(f"SAM checkpoint {path!r} could not be read as {expected}: "
                          f"{type(err).__name__}: {err}") from err
     if not isinstance(state_dict, dict) or not isinstance(state_dict.get(_PATCH_KEY), torch.Tensor):
-        raise ValueError(f"SAM checkpoint {path!r} is not a SAM state dict (no {_PATCH_KEY!r}); expected {expected}")
+        raise UserError(f"SAM checkpoint {path!r} is not a SAM state dict (no {_PATCH_KEY!r}); expected {expected}")
     width = int(state_dict[_PATCH_KEY].shape[0])
     if width != SAM_MODEL_TYPES[model_type]:
         found = [name for name, dim in SAM_MODEL_TYPES.items() if dim == width]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+from pixfound.errors import MissingFileError, UserError
 from typing import Any, Optional, Union
 
 import torch
@@ -74,7 +75,7 @@ def _adapter_class(family: str) -> type:
 
         return Qwen2VLAdapter
     supported = sorted({f for f, _ in FAMILIES.values()})
-    raise ValueError(f"no adapter for model family {family!r}; supported: {supported}")
+    raise UserError(f"no adapter for model family {family!r}; supported: {supported}")
 
 
 def tiny_model(family: str, seed: int = 0) -> VisionLanguageAdapter:
@@ -86,7 +87,7 @@ def tiny_model(family: str, seed: int = 0) -> VisionLanguageAdapter:
 
     key = TINY_MODELS.get(family, family).replace("-", "_").replace(".", "_")
     if key not in TINY_BUILDERS:
-        raise ValueError(f"no tiny model for family {family!r}; choose one of {sorted(TINY_BUILDERS)}")
+        raise UserError(f"no tiny model for family {family!r}; choose one of {sorted(TINY_BUILDERS)}")
     return TINY_BUILDERS[key](seed)
 
 
@@ -101,6 +102,24 @@ def _offline() -> bool:
     return any(os.environ.get(name, "0").lower() in ("1", "true", "yes") for name in flags)
 
 
+def _hub_host() -> str:
+    import urllib.parse
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    return urllib.parse.urlsplit(endpoint).hostname or "huggingface.co"
+
+
+def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub opens within ``timeout`` seconds."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
 
@@ -112,28 +131,34 @@ def _resolve(name_or_path: str) -> tuple[str, Any, bool]:
     if _looks_like_path(name_or_path):
         path = pathlib.Path(name_or_path).expanduser()
         if not path.is_dir():
-            raise FileNotFoundError(f"model directory not found: {path}")
+            raise MissingFileError(f"model directory not found: {path}")
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} holds no config.json; is it a Hugging Face checkpoint directory?")
+            raise MissingFileError(f"{path} holds no config.json; is it a Hugging Face checkpoint directory?")
         return str(path), AutoConfig.from_pretrained(str(path)), True
     try:
         return name_or_path, AutoConfig.from_pretrained(name_or_path, local_files_only=True), True
     except (OSError, ValueError) as cached_error:
         hint = (
-            f"Download it first, with network access: `huggingface-cli download {name_or_path}`, or pass a local "
+            f"Download it first, with network access: `hf download {name_or_path}`, or pass a local "
             f"checkpoint directory. Supported checkpoints include "
             + ", ".join(KNOWN_CHECKPOINTS)
             + "; offline tiny models: " + ", ".join(TINY_MODELS) + "."
         )
         if _offline():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"model {name_or_path!r} is not in the local Hugging Face cache and the hub is offline "
                 f"(HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set). {hint}"
+            ) from cached_error
+        host = _hub_host()
+        if not _reachable(host):
+            # Without this check transformers retries for about half a minute before giving up.
+            raise MissingFileError(
+                f"model {name_or_path!r} is not in the local Hugging Face cache and {host} cannot be reached. {hint}"
             ) from cached_error
         try:
             return name_or_path, AutoConfig.from_pretrained(name_or_path), False
         except (OSError, ValueError) as hub_error:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"could not find or download model {name_or_path!r} ({hub_error}). {hint}"
             ) from hub_error
 
@@ -162,7 +187,7 @@ def load_model(
         raise ValueError(f"name_or_path must be a non-empty str, got {name_or_path!r}")
     target = _default_device(device)
     if name_or_path.startswith("tiny-") and name_or_path not in TINY_MODELS:
-        raise ValueError(f"unknown tiny model {name_or_path!r}; choose one of {', '.join(TINY_MODELS)}")
+        raise UserError(f"unknown tiny model {name_or_path!r}; choose one of {', '.join(TINY_MODELS)}")
     if name_or_path in TINY_MODELS:
         adapter = tiny_model(TINY_MODELS[name_or_path])
         adapter.model.to(device=target, dtype=dtype or torch.float32)
@@ -170,7 +195,7 @@ def load_model(
     where, config, local_only = _resolve(name_or_path)
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
-        raise ValueError(
+        raise UserError(
             f"no adapter for model type {model_type!r} (from {name_or_path!r}); supported model types: "
             f"{sorted(FAMILIES)}"
         )
