@@ -16,7 +16,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from pixfound._kernels import image_attention as image_attention_module  # noqa: E402
+from pixfound.triton_kernels import image_attention as image_attention_module  # noqa: E402
 from pixfound._kernels._backend import use_triton  # noqa: E402
 from pixfound._kernels.image_attention import image_attention, image_attention_reference  # noqa: E402
 
@@ -55,7 +55,7 @@ def _synchronized(fn, **kwargs) -> torch.Tensor:
 def test_image_attention(benchmark, decoding_step, impl: str) -> None:
     expected = image_attention_reference(**decoding_step)
     if impl == "triton":
-        if not use_triton(decoding_step["q"]) or (not ON_GPU and not image_attention_module._DECORATED_FOR_INTERPRETER):
+        if not use_triton(decoding_step["q"]) or (not ON_GPU and not image_attention_module.DECORATED_FOR_INTERPRETER):
             pytest.skip("the Triton kernel cannot run here (set TRITON_INTERPRET=1 before pixfound is imported)")
         # The probe's hot path: no validation, width given, so no host sync inside the call.
         kwargs = dict(decoding_step, backend="triton", validate=False, num_image_keys=SIZE[6])

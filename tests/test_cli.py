@@ -37,8 +37,8 @@ def _use_torch_kernels(monkeypatch) -> None:
     """Run the torch backends on CPU (faster, same maths). The Triton kernel modules are imported
     first, while TRITON_INTERPRET is still set: a kernel decorated without it is compiled for the
     GPU and would break later interpreter tests in this process."""
-    import pixfound._kernels.image_attention  # noqa: F401
-    import pixfound._kernels.upsample_peak  # noqa: F401
+    import pixfound.triton_kernels.image_attention  # noqa: F401
+    import pixfound.triton_kernels.upsample_peak  # noqa: F401
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 

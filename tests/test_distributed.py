@@ -47,8 +47,8 @@ def test_torchrun_two_cpu_processes_shard_and_merge(tmp_path, monkeypatch):
     assert summary["counts"]["samples"] == 6
 
     # the same evaluation in one process gives the same summary
-    import pixfound._kernels.image_attention  # noqa: F401 - decorate under TRITON_INTERPRET before unsetting it
-    import pixfound._kernels.upsample_peak  # noqa: F401
+    import pixfound.triton_kernels.image_attention  # noqa: F401 - decorate under TRITON_INTERPRET before unsetting it
+    import pixfound.triton_kernels.upsample_peak  # noqa: F401
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     single = run_evaluation(EvalConfig(

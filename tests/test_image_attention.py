@@ -377,7 +377,7 @@ def test_interpreter_with_an_incompatible_numpy_fails_before_launching(monkeypat
 def test_native_cuda_kernels_at_model_sizes(dtype: torch.dtype, kernel: str) -> None:
     """LLaVA-like sizes (576 image keys, head dim 128) and Qwen2-VL-like GQA (28/4 heads), natively; the
     row-block kernel with a window of 32 (and 9) decode steps."""
-    from pixfound._kernels import image_attention as module
+    from pixfound.triton_kernels import image_attention as module
 
     windows = (32, 9) if kernel == "row_block" else (2, 1)
     for case in (
@@ -387,8 +387,9 @@ def test_native_cuda_kernels_at_model_sizes(dtype: torch.dtype, kernel: str) -> 
         inputs = make_inputs(case, dtype=dtype, seed=43)
         width = int(inputs.image_len.max())
         if kernel == "row_block":
-            checked = module._Inputs(inputs.image_start, inputs.image_len, inputs.key_start, inputs.key_end, width)
-            got = module._launch_rows_kernel(inputs.q, inputs.k, checked, inputs.scale)
+            index = module.Index(inputs.image_start, inputs.image_len, inputs.key_start, inputs.key_end, None, None,
+                                 width)
+            got = module._launch_row_block_kernel(inputs.q, inputs.k, index, inputs.scale)
         else:
             got = run_kernel(inputs, validate=False, num_image_keys=width)
         assert_within_bound_of_reference(got, inputs, dtype)
@@ -928,11 +929,11 @@ def _layer_stack(case: Case, count: int, *, dtype: torch.dtype, seed: int, strid
 def test_triton_layers_call_equals_the_sum_of_one_call_per_layer(
     case: Case, kinds, strided: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pixfound._kernels import image_attention as module
     from pixfound._kernels.image_attention import image_attention_layers_triton_into
+    from pixfound.triton_kernels import image_attention as module
 
     launches: list[int] = []
-    for name in ("_launch_kernel", "_launch_rows_kernel"):  # one query row, or several (a window of steps)
+    for name in ("_launch_row_kernel", "_launch_row_block_kernel"):  # one query row, or several (a window of steps)
         launch = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *args, _launch=launch, **kwargs:
                             launches.append(kwargs.get("layers", 1)) or _launch(*args, **kwargs))
@@ -998,57 +999,36 @@ def _rows_kernel_inputs(case: Case, kinds, *, gap: bool, dtype: torch.dtype, see
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case, kinds", ROWS_CASES, ids=ROWS_IDS)
 def test_row_block_kernel_matches_reference(case: Case, kinds, dtype: torch.dtype, gap: bool) -> None:
-    from pixfound._kernels.image_attention import _Inputs, _launch_rows_kernel
+    from pixfound.triton_kernels.image_attention import Index, _launch_row_block_kernel
 
     inputs = _rows_kernel_inputs(case, kinds, gap=gap, dtype=dtype, seed=3 * case.rows + case.num_keys)
     width = int(inputs.image_len.max())
-    checked = _Inputs(inputs.image_start, inputs.image_len, inputs.key_start, inputs.key_end, width,
-                      inputs.gap_start, inputs.gap_end)
-    got = _launch_rows_kernel(inputs.q, inputs.k, checked, inputs.scale)
+    index = Index(inputs.image_start, inputs.image_len, inputs.key_start, inputs.key_end, inputs.gap_start,
+                  inputs.gap_end, width)
+    got = _launch_row_block_kernel(inputs.q, inputs.k, index, inputs.scale)
     assert_within_bound_of_reference(got, inputs, dtype)
     assert torch.isfinite(got).all()
 
 
 @requires_triton
-def test_row_block_kernel_failure_falls_back_to_one_launch_per_row(monkeypatch: pytest.MonkeyPatch) -> None:
-    """If the row-block kernel cannot run (it has not run natively on every GPU), the rows are computed
-    one by one with the per-row kernel: a warning, the same result, and no second try."""
-    from pixfound._kernels import image_attention as module
+def test_a_failing_row_block_kernel_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken kernel fails loudly, every time: no quiet switch to another kernel."""
     from pixfound._kernels.image_attention import image_attention_layers_triton_into
-
-    calls = []
+    from pixfound.triton_kernels import image_attention as module
 
     def broken(*args, **kwargs):
-        calls.append(1)
         raise RuntimeError("no such kernel on this card")
 
-    monkeypatch.setattr(module, "_launch_rows_kernel", broken)
-    monkeypatch.setattr(module, "_ROWS_KERNEL_FAILED", [])
-    case, kinds = ROWS_CASES[0]
+    monkeypatch.setattr(module, "_launch_row_block_kernel", broken)
+    case, _ = ROWS_CASES[0]
     layers = _layer_stack(case, 2, dtype=torch.float32, seed=5, strided=False)
     index = {name: value for name, value in layers[0].kwargs().items() if name != "scale"}
     width = int(layers[0].image_len.max())
-
-    def run() -> torch.Tensor:
-        return image_attention_layers_triton_into(torch.zeros(case.batch, case.rows, width, device=DEVICE),
-                                                  [l.q for l in layers], [l.k for l in layers],
-                                                  [layers[0].scale] * 2, **index)
-
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory")
-
-    monkeypatch.setattr(module, "_launch_rows_kernel", out_of_memory)
-    with pytest.raises(torch.OutOfMemoryError):  # not a kernel failure: no fallback, and it stays on
-        run()
-    assert not module._ROWS_KERNEL_FAILED
-    monkeypatch.setattr(module, "_launch_rows_kernel", broken)
-    with pytest.warns(RuntimeWarning, match="row-block image_attention kernel failed"):
-        first = run()
-    second = run()
-    assert calls == [1] and module._ROWS_KERNEL_FAILED
-    expected = sum(run_reference(layer, compute_dtype=torch.float64) for layer in layers)
-    torch.testing.assert_close(first.double().cpu(), expected.cpu(), atol=2e-6, rtol=0)
-    assert torch.equal(first, second)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="no such kernel"):
+            image_attention_layers_triton_into(torch.zeros(case.batch, case.rows, width, device=DEVICE),
+                                               [l.q for l in layers], [l.k for l in layers], [layers[0].scale] * 2,
+                                               **index)
 
 
 @requires_triton
@@ -1071,8 +1051,8 @@ def test_triton_layers_call_falls_back_to_one_launch_per_layer_when_layers_diffe
 @requires_triton
 def test_triton_layers_call_with_a_tensor_off_the_16_byte_grid_launches_per_layer(monkeypatch) -> None:
     """Layers are addressed in 16-byte units from the lowest one; a tensor off that grid cannot be."""
-    from pixfound._kernels import image_attention as module
     from pixfound._kernels.image_attention import image_attention_layers_triton_into
+    from pixfound.triton_kernels import image_attention as module
 
     case = Case(batch=2, heads_q=4, heads_kv=2, rows=1, num_keys=50, head_dim=16, image_at="middle")
     a, b = make_inputs(case, seed=4), make_inputs(case, seed=5)
@@ -1080,8 +1060,8 @@ def test_triton_layers_call_with_a_tensor_off_the_16_byte_grid_launches_per_laye
     shifted_k = flat[1:].view(b.k.shape)  # 4 bytes past an aligned allocation
     shifted_k.copy_(b.k)
     launches: list[int] = []
-    launch = module._launch_kernel
-    monkeypatch.setattr(module, "_launch_kernel",
+    launch = module._launch_row_kernel
+    monkeypatch.setattr(module, "_launch_row_kernel",
                         lambda *args, **kwargs: launches.append(kwargs.get("layers", 1)) or launch(*args, **kwargs))
     width = int(a.image_len.max())
     index = {name: value for name, value in a.kwargs().items() if name != "scale"}
@@ -1104,7 +1084,7 @@ def test_triton_layers_call_rejects_bad_lists_and_out() -> None:
         image_attention_layers_triton_into(good_out, [], [], [], **index)
     with pytest.raises(ValueError, match="non-empty and of one length"):
         image_attention_layers_triton_into(good_out, [inputs.q], [inputs.k, inputs.k], [1.0], **index)
-    with pytest.raises(ValueError, match=r"out must be float32 \[B=2, R=2, N\]"):
+    with pytest.raises(ValueError, match=r"out must be float32 \[B, R, N\]"):
         image_attention_layers_triton_into(good_out.double(), [inputs.q], [inputs.k], [1.0], **index)
     with pytest.raises(ValueError, match=r"out must be float32"):
         image_attention_layers_triton_into(torch.zeros(2, 3, width, device=DEVICE), [inputs.q], [inputs.k], [1.0],

@@ -34,7 +34,7 @@ def test_prompt_templates_ship_as_package_data():
     assert {"vqa_templates.json", "grounding_templates.json"} <= names
 
 
-@pytest.mark.parametrize("module", ["pixfound.ops", "pixfound._kernels.image_attention"])
+@pytest.mark.parametrize("module", ["pixfound.ops", "pixfound.triton_kernels.image_attention"])
 def test_modules_import_without_a_gpu(module):
     import importlib
 

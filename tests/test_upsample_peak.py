@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pixfound._kernels import upsample_peak as upsample_peak_module
-from pixfound._kernels._backend import use_triton
+from pixfound._kernels._backend import triton_available, use_triton
 from pixfound._kernels.upsample_peak import (
     MAX_TRITON_K,
     _check_args,
@@ -366,12 +366,14 @@ def test_torch_backend_is_the_reference():
 
 def test_cpu_kernels_decorated_without_interpreter_fall_back_or_refuse(monkeypatch):
     # TRITON_INTERPRET set only after import: the kernels were compiled for the GPU.
-    monkeypatch.setattr(upsample_peak_module, "_DECORATED_FOR_INTERPRETER", False)
+    import pixfound.triton_kernels.upsample_peak as triton_module
+
+    monkeypatch.setattr(triton_module, "DECORATED_FOR_INTERPRETER", False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     maps = torch.randn(2, 16, 23, generator=torch.Generator().manual_seed(9))
     got = upsample_peaks(maps, (30, 40), k=2, backend="auto")
     torch.testing.assert_close(got, upsample_peaks_reference(maps, (30, 40), k=2), atol=0, rtol=0)
-    if upsample_peak_module.triton_available():
+    if triton_available():
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
             upsample_peaks(maps, (30, 40), k=2, backend="triton")
 
