@@ -140,7 +140,7 @@ def run_generate(adapter: Any, mode: str, batch: int, new_tokens: int, image_siz
     samples = [_BenchSample(i, image_size) for i in range(batch)]
     capture = None if mode == "plain" else mode
     # On the CPU the C++ capture path runs, as in `pixfound eval` (the Triton interpreter is for tests, not timing).
-    backend = "auto" if adapter.device.type == "cuda" else ("cpp" if adapter.dtype == torch.float32 else "torch")
+    backend = "auto" if adapter.device.type == "cuda" else "cpp"
     return adapter.generate(samples, [make_prompt(extra_tokens)] * batch, max_new_tokens=new_tokens, capture=capture,
                             batch_size=batch, backend=backend)
 

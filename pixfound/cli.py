@@ -95,10 +95,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--point-rank", type=_positive_int, default=1, help="use the k-th highest location as the point")
     parser.add_argument("--points", dest="num_points", type=_positive_int, default=1,
                         help="N distinct local maxima per phrase as SAM prompt points (default 1)")
-    parser.add_argument("--kernel-backend", default="auto", choices=["auto", "triton", "cpp", "torch"],
-                        help="backend of the fused capture kernel (auto: Triton on CUDA or under TRITON_INTERPRET, "
-                             "the C++ core for float32 on the CPU, else torch); the upsample+peak op picks "
-                             "Triton or torch the same way (torch with cpp)")
+    from pixfound.ops.backends import KERNEL_BACKEND_HELP, KERNEL_BACKENDS
+    parser.add_argument("--kernel-backend", default="auto", choices=KERNEL_BACKENDS, help=KERNEL_BACKEND_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ import pytest
 from pixfound.eval.runner import EvalConfig, read_jsonl, run_evaluation
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-ARGS = ["--limit", "6", "--protocol", "2,3", "--select", "oracle", "--max-new-tokens", "6", "--kernel-backend", "torch",
+ARGS = ["--limit", "6", "--protocol", "2,3", "--select", "oracle", "--max-new-tokens", "6", "--kernel-backend", "reference",
         "--device", "cpu", "--batch-size", "2"]
 
 
@@ -52,7 +52,7 @@ def test_torchrun_two_cpu_processes_shard_and_merge(tmp_path, monkeypatch):
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     single = run_evaluation(EvalConfig(
-        model="tiny-llava", limit=6, protocols=(2, 3), selects=("oracle",), max_new_tokens=6, kernel_backend="torch",
+        model="tiny-llava", limit=6, protocols=(2, 3), selects=("oracle",), max_new_tokens=6, kernel_backend="reference",
         device="cpu", batch_size=2, output=str(tmp_path / "single"), progress=False))
     strip = lambda s: {k: v for k, v in s.items() if k not in ("timings", "run")}  # noqa: E731
     assert strip(summary) == strip(single)

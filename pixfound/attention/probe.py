@@ -34,16 +34,11 @@ import threading
 import time
 from typing import Any, Iterator, Optional, Sequence
 
-import numpy as np
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from pixfound._kernels.image_attention import (
-    choose_backend,
-    image_attention,
-    image_attention_layers_cpp_into,
-    image_attention_layers_triton_into,
-)
+from pixfound.ops.attention import image_attention
+from pixfound.ops.backends import KERNEL_BACKENDS, resolve_kernel_backend
 
 __all__ = [
     "FUSED_ATTENTION",
@@ -268,8 +263,8 @@ class ImageAttentionCapture:
     ) -> None:
         if first_token_row not in _FIRST_TOKEN_ROWS:
             raise ValueError(f"first_token_row must be one of {_FIRST_TOKEN_ROWS}, got {first_token_row!r}")
-        if backend not in ("auto", "triton", "cpp", "torch"):
-            raise ValueError(f"backend must be 'auto', 'triton', 'cpp' or 'torch', got {backend!r}")
+        if backend not in KERNEL_BACKENDS:
+            raise ValueError(f"backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
         self.model = model
         self.decoder = decoder if decoder is not None else model.get_decoder()
         text_config = model.config.get_text_config()
@@ -284,8 +279,6 @@ class ImageAttentionCapture:
         self.backend = backend
         self._image_start_host = _as_index(image_start)
         self._image_len_host = _as_index(image_len)
-        self._image_start_np = self._image_start_host.numpy()
-        self._image_len_np = self._image_len_host.numpy()
         _check_spans(self._image_start_host, self._image_len_host, None)
         self.batch_size = int(self._image_start_host.numel())
         self.num_image_keys = int(self._image_len_host.max())
@@ -299,7 +292,6 @@ class ImageAttentionCapture:
         self._step_layers = 0
         self._row_cache: Optional[tuple] = None
         self._previous_ranges: Optional[tuple] = None  # (kv_len, mask is None, key_start, gap_start, gap_end)
-        self._host_path: Optional[bool] = None  # the C++ path (NumPy indices)
         self._deferred: Optional[bool] = None  # C++ or Triton: one call per window of steps, all layers
         self._window: list[_PendingStep] = []  # deferred steps, oldest first; the last may be the running one
         self._window_ranges: Optional[tuple] = None  # (key_start, gap_start, gap_end) the window's steps share
@@ -398,8 +390,7 @@ class ImageAttentionCapture:
             # A decode step only appends one valid key (generate extends the 2D mask with ones): the
             # first valid key and the padding gap stay those of the step before; the row ends at kv_len.
             _, _, key_start, gap_start, gap_end = previous
-            key_end = (np.full((batch, 1), kv_len, dtype=np.int64) if self._host_path
-                       else torch.full((batch, 1), kv_len, dtype=torch.int64, device=device))
+            key_end = torch.full((batch, 1), kv_len, dtype=torch.int64, device=device)
             self._previous_ranges = (kv_len, attention_mask is None, key_start, gap_start, gap_end)
             self._row_cache = (row, key_start, key_end, gap_start, gap_end)
             return self._row_cache
@@ -430,11 +421,6 @@ class ImageAttentionCapture:
             # The kernel excludes one gap per row; remember (on the device) if a row had more.
             self._gaps |= (as_int.sum(-1) != key_end - key_start - (gap_end - gap_start)).any()
             key_end = key_end[:, None]
-        if self._host_path:
-            # The C++ path reads NumPy views: convert once per step, not once per layer.
-            key_start, key_end, gap_start, gap_end = (
-                None if t is None else t.contiguous().numpy() for t in (key_start, key_end, gap_start, gap_end)
-            )
         self._previous_ranges = (kv_len, attention_mask is None, key_start, gap_start, gap_end)
         self._row_cache = (row, key_start, key_end, gap_start, gap_end)
         return self._row_cache
@@ -447,8 +433,7 @@ class ImageAttentionCapture:
         self, query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor], scaling: float
     ) -> None:
         if self._deferred is None:
-            chosen = choose_backend(self.backend, query, key)
-            self._host_path = chosen == "cpp"
+            chosen = resolve_kernel_backend(self.backend, query.device)
             self._deferred = chosen in ("cpp", "triton")
             if chosen == "triton":
                 per_step = self.num_layers * self.batch_size * self.num_image_keys * 4
@@ -459,15 +444,15 @@ class ImageAttentionCapture:
             return
         began = self._timer.start(query.device)
         probs = image_attention(
-            query[:, :, row : row + 1],
-            key,
+            [query[:, :, row : row + 1]],
+            [key],
+            [scaling],
             image_start=self._image_start,
             image_len=self._image_len,
             key_start=key_start,
             key_end=key_end,
             gap_start=gap_start,
             gap_end=gap_end,
-            scale=scaling,
             backend=self.backend,
             validate=False,  # spans were checked on the host once; no per-layer sync
             num_image_keys=self.num_image_keys,
@@ -530,25 +515,16 @@ class ImageAttentionCapture:
         device = steps[0].queries[0].device
         began = self._timer.start(device)
         key_start, gap_start, gap_end = self._window_ranges
-        out = torch.zeros(self.batch_size, len(steps), self.num_image_keys, dtype=torch.float32, device=device)
         if len(steps) == 1:
             queries = steps[0].queries
             key_end = steps[0].key_end
         else:
             queries = [torch.cat([step.queries[i] for step in steps], dim=2) for i in range(layers)]
-            key_end = (np.concatenate([step.key_end for step in steps], axis=1) if self._host_path
-                       else torch.cat([step.key_end for step in steps], dim=1))
+            key_end = torch.cat([step.key_end for step in steps], dim=1)
         keys, scales = self._layer_keys[:layers], self._layer_scales[:layers]
-        if self._host_path:
-            image_attention_layers_cpp_into(
-                out, queries, keys, scales, image_start=self._image_start_np, image_len=self._image_len_np,
-                key_start=key_start, key_end=key_end, gap_start=gap_start, gap_end=gap_end,
-            )
-        else:
-            image_attention_layers_triton_into(
-                out, queries, keys, scales, image_start=self._image_start, image_len=self._image_len,
-                key_start=key_start, key_end=key_end, gap_start=gap_start, gap_end=gap_end,
-            )
+        out = image_attention(queries, keys, scales, image_start=self._image_start, image_len=self._image_len,
+                              key_start=key_start, key_end=key_end, gap_start=gap_start, gap_end=gap_end,
+                              num_image_keys=self.num_image_keys, backend=self.backend, validate=False)
         for index in range(len(steps)):
             self._steps.append(out[:, index])
             self._layer_counts.append(layers)

@@ -73,7 +73,7 @@ ANSWER_PROTOCOLS = (1, 2)
 
 # Settings that do not change any record: a resumed run may change them.
 # Backends of the capture kernel; "cpp" (float32 CPU only) leaves the upsample+peak op on torch.
-KERNEL_BACKENDS = ("auto", "triton", "cpp", "torch")
+from pixfound.ops.backends import KERNEL_BACKENDS  # noqa: E402
 
 IDENTITY_EXEMPT = frozenset(
     # kv_cache only changes where the keys are stored: the same answers, maps equal up to float rounding.

@@ -1,4 +1,4 @@
-"""Fused bicubic upsample + top-k peak of phrase attention maps.
+"""The op ``pixfound::upsample_peaks``: fused bicubic upsample + top-k peak of phrase attention maps.
 
 PixFoundation turns each phrase's low-resolution attention map ``[h, w]`` into a point
 prompt: upsample it bicubically to the original image (``pad`` mode: to the square
@@ -11,44 +11,35 @@ straight to ``H x W``) and take the argmax. The published code does exactly::
     flat = up.reshape(G, -1).argmax(1); x, y = flat % W, flat // W
 
 (MSiam/PixFoundation, ``pixmmvp/inference/infer_pixfoundation.py``: ``crop_h_start =
-(upsample_size - image_height) // 2``, same for the width.) This module holds
+(upsample_size - image_height) // 2``, same for the width.) This module holds the torch reference
+of that recipe (:func:`upsample_reference`, :func:`upsample_peaks_reference`), generalised to the
+k best pixels, and the op, registered with ``torch.library``:
 
-* the torch reference of that recipe (:func:`upsample_reference`,
-  :func:`upsample_peaks_reference`), generalised to the k best pixels, and
-* a two-pass Triton version (:func:`upsample_peaks`) that never writes the ``[G, H, W]``
-  upsampled maps to memory unless ``return_maps=True``:
+* CPU kernel: the C++ core (``pixfound._C.upsample_topk``), the same formula one map at a time,
+  never more than one upsampled map in memory; with ``return_maps`` (overlays) the maps come from
+  torch's ``interpolate``, as the core does not return them;
+* CUDA kernel: the two Triton passes of :mod:`pixfound.triton_kernels.upsample_peak`, which never
+  write the upsampled maps unless asked to (``k`` above :data:`MAX_TRITON_K` runs the torch recipe);
+* fake: the shapes, for ``torch.compile``.
 
-  1. ``_upsample_tile_topk_kernel``: one program per (tile of the cropped output, map).
-     It evaluates the 4x4-tap bicubic (A = -0.75, clamped borders, the source index of
-     ``interpolate(..., align_corners=False)``) for its tile and keeps the tile's k best
-     (value, flat index) pairs, ties to the lowest flat index.
-  2. ``_merge_tile_topk_kernel``: one program per map reduces the ``[tiles * k]``
-     candidates to the k best and writes (x, y). It also checks the map's input values for
-     NaN/inf (one int32 flag), so that the caller's only wait for the GPU comes after both
-     launches: checking up front (``torch.isfinite(...).all()`` read on the host) left the GPU
-     idle while the host prepared them.
+The op returns a NaN/inf flag next to the peaks instead of raising, so that on a GPU the one wait
+for the device comes after the kernels; :func:`upsample_peaks` reads it and raises.
 
-Ordering is "value descending, then flat index ascending", which is ``torch.argmax``'s
-tie rule (first maximal index); both passes use it, so the tiling never changes the
-answer. Values are computed in float32. The fused kernel's arithmetic is the same
-formula as torch's, but rounding can differ in the last bits (torch's own CPU builds
-contract to FMA differently per instruction set, and its CUDA kernel differs again), so
-two pixels whose values agree to ~1e-6 relative may swap; exact ties are always
-resolved to the lowest flat index.
-
-The Triton path keeps at most :data:`MAX_TRITON_K` peaks per tile; a larger k runs the
-reference instead.
+Ordering is "value descending, then flat index ascending", which is ``torch.argmax``'s tie rule
+(first maximal index). Values are computed in float32. The fast paths compute torch's formula, but
+rounding can differ in the last bits (torch's own CPU builds contract to FMA differently per
+instruction set, and its CUDA kernel differs again), so two pixels whose values agree to ~1e-6
+relative may swap; exact ties are always resolved to the lowest flat index.
 """
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ._backend import resolve_backend
+from pixfound.ops.backends import resolve_kernel_backend
 
 __all__ = [
     "ASPECT_MODES",
@@ -59,9 +50,9 @@ __all__ = [
 ]
 
 ASPECT_MODES = ("pad", "original")
-#: Largest k the Triton path keeps per tile; above it :func:`upsample_peaks` uses the reference.
+#: Largest k the Triton kernels keep per tile (pixfound.triton_kernels.upsample_peak); above it CUDA runs torch.
 MAX_TRITON_K = 8
-# Flat indices are int32 inside the kernels.
+# Flat indices are int32 inside the Triton kernels.
 _NO_INDEX = 2**31 - 1
 
 
@@ -70,9 +61,8 @@ _NO_INDEX = 2**31 - 1
 # --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Geometry:
-    """Where the cropped ``out_h x out_w`` window sits in the virtual upsampled grid."""
+class _Geometry(NamedTuple):
+    """Where the cropped ``out_h x out_w`` window sits in the virtual upsampled grid (the op's window arguments)."""
 
     full_h: int  # size interpolate() upsamples to
     full_w: int
@@ -110,8 +100,8 @@ def _check_size(size: object) -> tuple[int, int]:
 def _check_maps(maps: object, *, finite: bool = True) -> torch.Tensor:
     """Validate ``maps`` and return it as float32 (values unchanged for fp16/bf16/fp32).
 
-    ``finite=False`` leaves out the NaN/inf check (the Triton path checks inside its kernels and
-    raises with :func:`_check_finite` after them).
+    ``finite=False`` leaves out the NaN/inf check (the op reports non-finite maps in its flag, and
+    :func:`upsample_peaks` raises with :func:`_check_finite` after it).
     """
     if not isinstance(maps, torch.Tensor):
         raise ValueError(f"maps must be a torch.Tensor of shape [G, h, w], got {type(maps).__name__}")
@@ -196,15 +186,6 @@ def upsample_reference(
     return _upsample_checked(maps32, geo)
 
 
-def _upsample_peaks_cpp(maps32: torch.Tensor, geo: _Geometry, k: int) -> torch.Tensor:
-    """The C++ core's fused path (``pixfound._C.upsample_topk``) on validated float32 CPU maps."""
-    from pixfound import _C
-
-    peaks = _C.upsample_topk(maps32.detach().contiguous().numpy(), geo.full_h, geo.full_w, geo.top, geo.left,
-                             geo.out_h, geo.out_w, k)
-    return torch.from_numpy(peaks)
-
-
 def upsample_peaks_reference(
     maps: torch.Tensor,
     size: Sequence[int],
@@ -226,24 +207,68 @@ def upsample_peaks_reference(
     return (peaks, upsampled) if return_maps else peaks
 
 
-def _decorated_for_interpreter() -> bool:
-    from pixfound.triton_kernels.upsample_peak import DECORATED_FOR_INTERPRETER
+# --------------------------------------------------------------------------------------
+# The op
+# --------------------------------------------------------------------------------------
 
-    return DECORATED_FOR_INTERPRETER
+
+def _reference_peaks(maps32: torch.Tensor, geo: _Geometry, k: int, return_maps: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    upsampled = _upsample_checked(maps32, geo)
+    peaks = _flat_to_xy(_topk_lowest_index(upsampled.reshape(upsampled.shape[0], -1), k), geo.out_w)
+    return peaks, (upsampled if return_maps else None)
 
 
-def _upsample_peaks_triton(maps32, geo, k, return_maps, *, block_h=None, block_w=None, nonfinite=None):
-    """Both Triton passes (:mod:`pixfound.triton_kernels.upsample_peak`) on validated float32 maps."""
+def _nonfinite_flag(maps32: torch.Tensor) -> torch.Tensor:
+    return (~torch.isfinite(maps32)).any().to(torch.int32).reshape(1)
+
+
+def _op_result(maps32: torch.Tensor, geo: _Geometry, peaks: torch.Tensor, upsampled: torch.Tensor | None,
+               nonfinite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if upsampled is None:  # the op always returns a tensor: an empty one when the maps were not asked for
+        upsampled = maps32.new_empty((0, geo.out_h, geo.out_w))
+    return peaks, upsampled, nonfinite
+
+
+def _triton_peaks(maps32: torch.Tensor, geo: _Geometry, k: int, return_maps: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton kernels (the CUDA kernel of the op, and Triton's interpreter on the CPU)."""
+    if k > MAX_TRITON_K or geo.out_h * geo.out_w >= _NO_INDEX:
+        return _op_result(maps32, geo, *_reference_peaks(maps32, geo, k, return_maps), _nonfinite_flag(maps32))
     from pixfound.triton_kernels.upsample_peak import upsample_peaks_triton
 
-    peaks, maps = upsample_peaks_triton(maps32, (geo.full_h, geo.full_w, geo.top, geo.left, geo.out_h, geo.out_w), k,
-                                        return_maps, nonfinite=nonfinite, block_h=block_h, block_w=block_w)
-    return (peaks, maps) if return_maps else peaks
+    nonfinite = torch.zeros(1, dtype=torch.int32, device=maps32.device)
+    peaks, upsampled = upsample_peaks_triton(maps32, geo, k, return_maps, nonfinite=nonfinite)
+    return _op_result(maps32, geo, peaks, upsampled, nonfinite)
 
 
-# --------------------------------------------------------------------------------------
-# Public entry point
-# --------------------------------------------------------------------------------------
+@torch.library.custom_op("pixfound::upsample_peaks", mutates_args=(), device_types="cpu")
+def upsample_peaks_op(maps32: torch.Tensor, full_h: int, full_w: int, top: int, left: int, out_h: int, out_w: int,
+                      k: int, return_maps: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CPU kernel: (peaks int64 [G, k, 2], upsampled maps float32 [G or 0, out_h, out_w], NaN/inf flag int32 [1])."""
+    geo = _Geometry(full_h, full_w, top, left, out_h, out_w)
+    nonfinite = _nonfinite_flag(maps32)
+    if nonfinite.item():  # the caller raises; the core is not run on NaN
+        return _op_result(maps32, geo, torch.zeros(maps32.shape[0], k, 2, dtype=torch.int64), None, nonfinite)
+    if return_maps:
+        return _op_result(maps32, geo, *_reference_peaks(maps32, geo, k, True), nonfinite)
+    from pixfound import _C
+
+    peaks = _C.upsample_topk(maps32.detach().contiguous().numpy(), full_h, full_w, top, left, out_h, out_w, k)
+    return _op_result(maps32, geo, torch.from_numpy(peaks), None, nonfinite)
+
+
+@upsample_peaks_op.register_kernel("cuda")
+def _upsample_peaks_cuda(maps32, full_h, full_w, top, left, out_h, out_w, k, return_maps):
+    return _triton_peaks(maps32, _Geometry(full_h, full_w, top, left, out_h, out_w), k, return_maps)
+
+
+@upsample_peaks_op.register_fake
+def _upsample_peaks_fake(maps32, full_h, full_w, top, left, out_h, out_w, k, return_maps):
+    count = maps32.shape[0]
+    return (maps32.new_empty((count, k, 2), dtype=torch.int64),
+            maps32.new_empty((count if return_maps else 0, out_h, out_w)),
+            maps32.new_empty((1,), dtype=torch.int32))
 
 
 def upsample_peaks(
@@ -266,10 +291,8 @@ def upsample_peaks(
         k: number of peaks per map, ``1 <= k <= H * W``. ``k = r`` and taking
             ``peaks[:, r - 1]`` gives the published ``--point-rank r`` point.
         return_maps: also return the float32 ``[G, H, W]`` upsampled maps (for overlays).
-        backend: ``"auto"`` (Triton on CUDA tensors, or on CPU with ``TRITON_INTERPRET=1``;
-            else the C++ core on the CPU), ``"triton"``, ``"cpp"`` (CPU tensors; the same
-            formula one map at a time, never more than one upsampled map in memory) or
-            ``"torch"``. ``k > MAX_TRITON_K`` on Triton and ``return_maps=True`` on C++ use torch.
+        backend: ``auto``, ``cpp``, ``triton`` or ``reference`` (see
+            :func:`pixfound.ops.backends.resolve_kernel_backend`).
 
     Returns:
         int64 ``[G, k, 2]`` peaks as (x, y), best first, ties to the lowest flat index
@@ -277,23 +300,15 @@ def upsample_peaks(
         ``(peaks, maps [G, H, W])``.
     """
     maps32, geo = _check_args(maps, size, aspect, k, finite=False)
-    if backend == "cpp":
-        if maps32.device.type != "cpu":
-            raise ValueError(f"backend='cpp' takes CPU tensors, got maps on {maps32.device}")
-        chosen = "cpp"
+    chosen = resolve_kernel_backend(backend, maps32.device)
+    if chosen == "reference":
+        _check_finite(maps32)
+        peaks, upsampled = _reference_peaks(maps32, geo, k, return_maps)
+        return (peaks, upsampled) if return_maps else peaks
+    if chosen == "triton" and maps32.device.type == "cpu":  # Triton's interpreter (tests, development)
+        peaks, upsampled, nonfinite = _triton_peaks(maps32, geo, k, return_maps)
     else:
-        chosen = resolve_backend(backend, maps32)
-        if backend == "auto" and maps32.device.type == "cpu" and (chosen == "torch" or not _decorated_for_interpreter()):
-            chosen = "cpp"  # no Triton here (or it was enabled after this module was imported)
-    if chosen == "triton" and k <= MAX_TRITON_K and geo.out_h * geo.out_w < _NO_INDEX:
-        nonfinite = torch.zeros(1, dtype=torch.int32, device=maps32.device)
-        result = _upsample_peaks_triton(maps32, geo, k, return_maps, nonfinite=nonfinite)
-        if nonfinite.item():  # the one wait for the GPU, after the kernels
-            _check_finite(maps32)
-        return result
-    _check_finite(maps32)
-    if chosen == "cpp" and not return_maps:
-        return _upsample_peaks_cpp(maps32, geo, k)
-    upsampled = _upsample_checked(maps32, geo)
-    peaks = _flat_to_xy(_topk_lowest_index(upsampled.reshape(upsampled.shape[0], -1), k), geo.out_w)
+        peaks, upsampled, nonfinite = torch.ops.pixfound.upsample_peaks(maps32, *geo, k, return_maps)
+    if nonfinite.item():  # on a GPU the one wait for the device, after the kernels
+        _check_finite(maps32)
     return (peaks, upsampled) if return_maps else peaks
