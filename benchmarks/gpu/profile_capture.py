@@ -184,13 +184,14 @@ def patched(target: Any, name: str, value: Any) -> Iterator[None]:
         setattr(target, name, original)
 
 
-def _bookkeeping_only(self: Any, query: Any, key: Any, attention_mask: Any, scaling: float) -> None:
-    """The probe's per-layer entry with the kernel and the sums left out (hooks + wrapper cost)."""
+def _bookkeeping_only(self: Any, backend: str) -> Any:
+    """The capture's op replaced by zeros: what is left is its bookkeeping (attention function, ranges, window)."""
     import torch
 
-    if self._step_sum is None:
-        self._step_sum = torch.zeros(self.batch_size, 1, self.num_image_keys, device=query.device)
-    self._step_layers += 1
+    def compute(queries: Any, keys: Any, scales: Any, *ranges: Any) -> Any:
+        return torch.zeros(queries[0].shape[0], queries[0].shape[2], self.num_image_keys, device=queries[0].device)
+
+    return compute
 
 
 class _NoTimer:
@@ -216,13 +217,13 @@ def generate_variants(adapter: Any, device: str, batches: tuple[int, ...], new_t
 
         def reset(self: Any) -> None:
             original(self)
-            self._timer = _NoTimer()
+            self.sink.timer = _NoTimer()
 
         with patched(probe.ImageAttentionCapture, "_reset", reset):
             return run_generate(adapter, "fused", batch, new_tokens, adapter_image_size(adapter))
 
     def fused_bookkeeping(batch: int) -> Any:
-        with patched(probe.ImageAttentionCapture, "_add_layer", _bookkeeping_only):
+        with patched(probe.ImageAttentionCapture, "_op", _bookkeeping_only):
             return run_generate(adapter, "fused", batch, new_tokens, adapter_image_size(adapter))
 
     variants: dict[str, Callable[[int], Any]] = {

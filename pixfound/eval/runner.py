@@ -35,7 +35,7 @@ import tempfile
 import time
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence, Union
 
-from pixfound.models.base import KV_CACHES
+from pixfound.models.kv_cache import KV_CACHES
 
 __all__ = [
     "EvalConfig",
