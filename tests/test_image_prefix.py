@@ -122,8 +122,6 @@ def test_llava_next_shares_prefixes_of_equal_length():
     shared = adapter.generate(samples, PROMPTS[:2], max_new_tokens=NEW_TOKENS, capture="fused", prefixes=prefixes)
     assert all(g.timings["prefix_shared"] for g in shared)
     _assert_close(full, shared)
-    for a, b in zip(full, shared):
-        assert (a.extra_maps["base"][0] - b.extra_maps["base"][0]).abs().max().item() <= MAP_TOL
 
 
 def test_qwen2_vl_cannot_share_prefixes():

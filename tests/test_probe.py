@@ -67,9 +67,6 @@ def _assert_same(first, second, tol: float = MAP_TOL) -> None:
     assert (first.stop_map is None) == (second.stop_map is None)
     if first.stop_map is not None:
         assert (first.stop_map - second.stop_map).abs().max().item() <= tol
-    assert first.extra_maps.keys() == second.extra_maps.keys()
-    for name in first.extra_maps:
-        assert (first.extra_maps[name][0] - second.extra_maps[name][0]).abs().max().item() <= tol
 
 
 # ------------------------------------------------------------------------------------------------
@@ -435,21 +432,18 @@ def test_token_maps_cuts_at_stop_ids_and_maps_cells():
     geometry = ImageGeometry(2, 3, 20, 30, "resize")
     permuted = torch.tensor([6, 5, 4, 3, 2, 1])
     layouts = [
-        ImageTokenLayout(
-            0, 7, torch.arange(6), geometry, extra={"base": (torch.tensor([0]), ImageGeometry(1, 1, 20, 30, "resize"))}
-        ),
+        ImageTokenLayout(0, 7, torch.arange(6), geometry),
         ImageTokenLayout(0, 7, permuted, geometry),
     ]
     result = probe.token_maps(steps, layouts, [2, 4])  # sample 0 stopped after 2 tokens, sample 1 ran on
-    maps0, stop0, extra0 = result[0]
-    maps1, stop1, extra1 = result[1]
+    maps0, stop0 = result[0]
+    maps1, stop1 = result[1]
     assert maps0.shape == (2, 2, 3) and maps1.shape == (4, 2, 3)
     torch.testing.assert_close(maps0.flatten(1), steps[0, :2, :6], rtol=0, atol=0)
     torch.testing.assert_close(maps1.flatten(1), steps[1][:, permuted], rtol=0, atol=0)
     # The step that emitted the first stop id keeps its map apart; a row without a stop id has none.
     torch.testing.assert_close(stop0.flatten(), steps[0, 2, :6], rtol=0, atol=0)
     assert stop1 is None
-    assert extra0["base"][0].shape == (2, 1, 1) and extra1 == {}
     with pytest.raises(ValueError, match="one map per token"):
         probe.token_maps(steps, layouts, [5, 4])
 

@@ -44,7 +44,7 @@ def major_minor(version: str) -> tuple[int, int]:
 
 
 def interpreter_incompatibility(triton_version: str | None = None, numpy_version: str | None = None) -> str | None:
-    """Why Triton's interpreter cannot run pixfound's kernels with these versions (default: the installed ones), or None.
+    """Why Triton's interpreter cannot run pixfound's kernels with these versions (default: installed), or None.
 
     Before Triton 3.7 the interpreter turns scalar loop bounds into Python ints through NumPy's
     conversion of 1-element arrays, which NumPy 2.4 removed: every kernel with a loop then fails

@@ -410,10 +410,6 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _tiles(q: torch.Tensor) -> Tiles:
-    return TILES_FP32 if q.dtype == torch.float32 else TILES_16BIT
-
-
 @dataclass(frozen=True)
 class _LaunchArgs:
     """What the launches of both kernels share, in the kernels' parameter order."""
@@ -438,7 +434,7 @@ def _launch_args(
     dot_in_fp32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type == "cpu")
     has_gap = index.gap_start is not None and index.gap_end is not None
     layered = q_units is not None and k_units is not None
-    tiles = _tiles(q)
+    tiles = TILES_FP32 if q.dtype == torch.float32 else TILES_16BIT
     # Pointers the compiled variant never reads (no gap, one layer) get any int64 tensor.
     unused = index.key_start
     pointers = (q, k, q_units if layered else unused, k_units if layered else unused, index.image_start,
@@ -535,7 +531,8 @@ def image_attention_triton(
     gap_end: torch.Tensor | None = None,
     num_image_keys: int,
 ) -> torch.Tensor:
-    """float32 ``[B, R, N]``: the op's result for one query ``[B, Hq, R, D]``, key ``[B, Hkv, L, D]`` and scale per layer, summed over the layers.
+    """float32 ``[B, R, N]``: the capture op for one query ``[B, Hq, R, D]``, key ``[B, Hkv, L, D]`` and scale
+    per layer, summed over the layers.
 
     One query row (a single decode step) runs ``_image_attention_kernel``, several (a window of
     steps) ``_image_attention_rows_kernel``. When the layers share shapes, strides, dtype and scale

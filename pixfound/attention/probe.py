@@ -239,7 +239,8 @@ class KeyRangeTracker:
             self._gaps = torch.zeros((), dtype=torch.bool, device=device)
         row = _query_row(self.first_token_row, self.step, q_len)
         previous = self._previous
-        if q_len == 1 and previous is not None and previous[0] == kv_len - 1 and previous[1] == (attention_mask is None):
+        appended_one_key = previous is not None and previous[0] == kv_len - 1
+        if q_len == 1 and appended_one_key and previous[1] == (attention_mask is None):
             # A decode step only appends one valid key (generate extends the 2D mask with ones): the
             # first valid key and the padding gap stay those of the step before; the row ends at kv_len.
             before = previous[2]
@@ -553,7 +554,7 @@ class ImageAttentionCapture:
     # -- recording ------------------------------------------------------------------------------
     def record_layer(self, layer: int, query: torch.Tensor, key: torch.Tensor,
                      attention_mask: Optional[torch.Tensor], scale: float) -> None:
-        """One attention layer's query ``[B, Hq, Q, D]`` and keys ``[B, Hkv, L, D]`` (called by the attention function)."""
+        """One attention layer's query ``[B, Hq, Q, D]`` and keys ``[B, Hkv, L, D]`` (from the attention function)."""
         if layer == 0:
             self.tracker.begin_step()
             if self.tracker.step == 0:
@@ -674,20 +675,19 @@ def token_maps(
     step_maps: torch.Tensor,
     layouts: Sequence[Any],
     token_counts: Sequence[int],
-) -> list[tuple[torch.Tensor, Optional[torch.Tensor], dict]]:
+) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """Per-sample token maps from ``[B, steps, N]`` step maps (shared by both capture modes).
 
     Args:
         step_maps: float32 ``[B, steps, N]``.
         layouts: per sample, an object with ``grid_index`` (offsets into the image span for each
-            flat grid cell), ``geometry`` (``grid_h``, ``grid_w``) and ``extra`` (further grids).
+            flat grid cell) and ``geometry`` (``grid_h``, ``grid_w``).
         token_counts: per sample, the tokens generated before the stop token (EOS or padding).
 
     Returns:
-        Per sample ``(maps, stop_map, extra)``: maps float32 ``[T, grid_h, grid_w]`` on CPU for the
+        Per sample ``(maps, stop_map)``: maps float32 ``[T, grid_h, grid_w]`` on CPU for the
         ``T = token_counts[b]`` tokens; ``stop_map`` ``[grid_h, grid_w]`` is the map of the step that
-        emitted the stop token (None when the sample ran out of steps first); ``extra`` maps each
-        extra grid's name to ``(maps, geometry)``.
+        emitted the stop token (None when the sample ran out of steps first).
     """
     if step_maps.dim() != 3:
         raise ValueError(f"step_maps must be [B, steps, N], got shape {tuple(step_maps.shape)}")
@@ -699,15 +699,10 @@ def token_maps(
     for b, (layout, count) in enumerate(zip(layouts, token_counts)):
         if not 0 <= count <= steps:
             raise ValueError(f"sample {b}: {count} tokens, but {steps} steps were recorded (one map per token)")
-
-        def grid(index: torch.Tensor, geometry: Any) -> torch.Tensor:
-            if int(index.max()) >= width:
-                raise ValueError(f"sample {b}: grid index {int(index.max())} beyond the {width} recorded image keys")
-            return step_maps[b][:, index].reshape(steps, geometry.grid_h, geometry.grid_w)
-
-        cells = grid(layout.grid_index, layout.geometry)
+        index, geometry = layout.grid_index, layout.geometry
+        if int(index.max()) >= width:
+            raise ValueError(f"sample {b}: grid index {int(index.max())} beyond the {width} recorded image keys")
+        cells = step_maps[b][:, index].reshape(steps, geometry.grid_h, geometry.grid_w)
         stop_map = cells[count].clone() if count < steps else None
-        extra = {name: (grid(index, geometry)[:count].contiguous(), geometry)
-                 for name, (index, geometry) in layout.extra.items()}
-        results.append((cells[:count].contiguous(), stop_map, extra))
+        results.append((cells[:count].contiguous(), stop_map))
     return results

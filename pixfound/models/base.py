@@ -88,8 +88,6 @@ class Generation:
     # The map of the step that emitted the stop token (EOS), float32 [grid_h, grid_w]; None when the
     # answer ran into max_new_tokens or without capture. The published recipe counts it in the mean map.
     stop_map: Optional[torch.Tensor] = None
-    # Further per-token maps on other grids, e.g. LLaVA-NeXT's base 24x24 view: name -> (maps [T, h, w], geometry).
-    extra_maps: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,14 +97,12 @@ class ImageTokenLayout:
     ``span_start``/``span_len`` delimit the contiguous run of positions that holds the image
     (for LLaVA-NeXT it also holds the row-newline tokens). ``grid_index[c]`` is the offset inside
     that span of the token for flat grid cell ``c`` (row-major over ``grid_h x grid_w``).
-    ``extra`` holds further grids over the same span (name -> (grid_index, geometry)).
     """
 
     span_start: int
     span_len: int
     grid_index: torch.Tensor      # int64 [grid_h * grid_w], offsets into the span
     geometry: ImageGeometry
-    extra: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         cells = self.geometry.grid_h * self.geometry.grid_w
@@ -574,8 +570,9 @@ class VisionLanguageAdapter(abc.ABC):
         for begin in range(0, len(samples), batch_size):
             rows = slice(begin, begin + batch_size)
             chunk, chunk_prompts = list(samples[rows]), list(prompts[rows])
-            batch, prefix_shared = self._prepare_chunk(chunk, chunk_prompts, None if prefixes is None else prefixes[rows],
-                                                       kv_cache=kv_cache, max_new_tokens=max_new_tokens)
+            chunk_prefixes = None if prefixes is None else prefixes[rows]
+            batch, prefix_shared = self._prepare_chunk(chunk, chunk_prompts, chunk_prefixes, kv_cache=kv_cache,
+                                                       max_new_tokens=max_new_tokens)
             decoding = self._decoding_kwargs(max_new_tokens, temperature, top_k, top_p,
                                              sample_seeds[rows] if do_sample else None)
             started = time.perf_counter()
@@ -647,7 +644,7 @@ class VisionLanguageAdapter(abc.ABC):
         generated = run.sequences[:, batch.prompt_len :].cpu()
         token_ids = [row[: first_stop_index(row, stop_ids)] for row in generated.tolist()]
         maps = (token_maps(run.step_maps, batch.layouts, [len(ids) for ids in token_ids])
-                if run.step_maps is not None else [(None, None, {})] * len(samples))
+                if run.step_maps is not None else [(None, None)] * len(samples))
         finished = time.perf_counter()
         elapsed = finished - started
         # Fused: the capture's op calls during generate plus gathering the maps after it. Reference: only the
@@ -671,10 +668,9 @@ class VisionLanguageAdapter(abc.ABC):
                 maps=sample_maps,
                 geometry=layout.geometry,
                 timings=dict(timings),
-                extra_maps=extra,
                 stop_map=stop_map,
             )
-            for sample, prompt, ids, (sample_maps, stop_map, extra), layout
+            for sample, prompt, ids, (sample_maps, stop_map), layout
             in zip(samples, prompts, token_ids, maps, batch.layouts)
         ]
 

@@ -31,19 +31,15 @@ class CheckedIndex:
     gap_end: torch.Tensor | None = None  # [B]
 
 
-def _shape(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(t.shape)
-
-
 def _check_layer(q: object, k: object, scale: object) -> tuple[torch.Tensor, torch.Tensor]:
     for name, tensor in (("q", q), ("k", k)):
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
     if q.dim() != 4:
-        raise ValueError(f"q must have shape [B, Hq, R, D] (4 dims), got shape {_shape(q)}")
+        raise ValueError(f"q must have shape [B, Hq, R, D] (4 dims), got shape {tuple(q.shape)}")
     if k.dim() != 4:
-        raise ValueError(f"k must have shape [B, Hkv, L, D] (4 dims), got shape {_shape(k)}")
+        raise ValueError(f"k must have shape [B, Hkv, L, D] (4 dims), got shape {tuple(k.shape)}")
     if q.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
     if k.dtype != q.dtype:
@@ -52,16 +48,17 @@ def _check_layer(q: object, k: object, scale: object) -> tuple[torch.Tensor, tor
         raise ValueError(f"q and k must be on the same device, got q on {q.device} and k on {k.device}")
     batch, heads_q, _, head_dim = q.shape
     if k.shape[0] != batch:
-        raise ValueError(f"k has batch size {k.shape[0]} but q has {batch} (q {_shape(q)}, k {_shape(k)})")
+        raise ValueError(f"k has batch size {k.shape[0]} but q has {batch} (q {tuple(q.shape)}, k {tuple(k.shape)})")
     if k.shape[3] != head_dim:
-        raise ValueError(f"k has head dim {k.shape[3]} but q has {head_dim} (q {_shape(q)}, k {_shape(k)})")
+        raise ValueError(f"k has head dim {k.shape[3]} but q has {head_dim} (q {tuple(q.shape)}, k {tuple(k.shape)})")
     heads_kv = k.shape[1]
     if heads_q == 0 or heads_kv == 0 or head_dim == 0:
-        raise ValueError(f"q and k need at least one head and head dim >= 1, got q {_shape(q)}, k {_shape(k)}")
+        raise ValueError(f"q and k need at least one head and head dim >= 1, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}")
     if heads_q % heads_kv != 0:
         raise ValueError(
             f"the query heads ({heads_q}) must be a multiple of the kv heads ({heads_kv}) for grouped-query "
-            f"attention (q {_shape(q)}, k {_shape(k)})"
+            f"attention (q {tuple(q.shape)}, k {tuple(k.shape)})"
         )
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
         raise ValueError(f"scale must be a finite real number, got {scale!r}")
@@ -73,8 +70,8 @@ def _check_index(name: str, value: object, shape: tuple[int, ...], device: torch
         raise ValueError(f"{name} must be an integer torch.Tensor of shape {shape}, got {type(value).__name__}")
     if value.dtype == torch.bool or value.dtype.is_floating_point or value.dtype.is_complex:
         raise ValueError(f"{name} must have an integer dtype (int64), got {value.dtype}")
-    if _shape(value) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {_shape(value)}")
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
     if value.device.type != "cpu" and value.device != device:
         raise ValueError(f"{name} is on {value.device} but q and k are on {device}; use the same device or the CPU")
     return value.to(device=device, dtype=torch.int64, non_blocking=True)
@@ -100,7 +97,7 @@ def check_inputs(
     values are checked against the fewest keys of any layer (one device->host copy). Raises
     ValueError naming the argument.
     """
-    if not isinstance(queries, (list, tuple)) or not isinstance(keys, (list, tuple)) or not isinstance(scales, (list, tuple)):
+    if not all(isinstance(layers, (list, tuple)) for layers in (queries, keys, scales)):
         raise ValueError("queries, keys and scales must be lists (one entry per layer)")
     if not queries or len(queries) != len(keys) or len(keys) != len(scales):
         raise ValueError(f"queries, keys and scales must be non-empty and of one length, got {len(queries)}, "
@@ -110,8 +107,8 @@ def check_inputs(
     batch, _, rows, _ = q0.shape
     for index, (q, _) in enumerate(layers[1:], start=1):
         if q.shape[0] != batch or q.shape[2] != rows or q.device != q0.device:
-            raise ValueError(f"layer {index} has q of shape {_shape(q)} on {q.device}, layer 0 {_shape(q0)} on "
-                             f"{q0.device}: every layer needs the same batch, rows and device")
+            raise ValueError(f"layer {index} has q of shape {tuple(q.shape)} on {q.device}, layer 0 "
+                             f"{tuple(q0.shape)} on {q0.device}: every layer needs the same batch, rows and device")
     num_keys = min(k.shape[2] for _, k in layers)
     device = q0.device
 

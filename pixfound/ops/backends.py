@@ -42,13 +42,15 @@ def resolve_kernel_backend(backend: str, device: torch.device | str) -> str:
             return "cpp"
         return "triton" if kind == "cuda" and triton_available() else "reference"
     if backend == "cpp" and kind != "cpu":
-        raise UserError(f"kernel backend 'cpp' runs on CPU tensors, these are on {device}; use auto, triton or reference")
+        raise UserError(f"kernel backend 'cpp' runs on CPU tensors, these are on {device}; "
+                        "use auto, triton or reference")
     if backend == "triton":
         if not triton_available():
-            raise UserError("kernel backend 'triton' needs an importable triton; install it or use auto, cpp or reference")
+            raise UserError("kernel backend 'triton' needs an importable triton; install it or use auto, cpp "
+                            "or reference")
         if kind == "cpu" and not interpreting():
-            raise UserError("kernel backend 'triton' runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 set "
-                            "before pixfound is imported; use auto, cpp or reference here")
+            raise UserError("kernel backend 'triton' runs on CUDA tensors, or on CPU tensors with "
+                            "TRITON_INTERPRET=1 set before pixfound is imported; use auto, cpp or reference here")
         if kind not in ("cpu", "cuda"):
             raise UserError(f"kernel backend 'triton' runs on CUDA tensors, these are on {device}")
         if kind == "cpu":
