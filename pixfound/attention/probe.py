@@ -538,16 +538,18 @@ class ImageAttentionCapture:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             for module in self.attention_modules:
-                if getattr(module, CAPTURE_ATTRIBUTE, None) is not None and module.pixfound_capture[0] is self:
+                if getattr(module, CAPTURE_ATTRIBUTE, (None,))[0] is self:
                     delattr(module, CAPTURE_ATTRIBUTE)
             if self._attn_context is not None:
                 self._attn_context.__exit__(exc_type, exc, tb)
         finally:
             self._recording = False
             self._attn_context = None
-            if exc_type is None:
-                self.sink.flush()
-            self.sink.release()
+            try:
+                if exc_type is None:
+                    self.sink.flush()
+            finally:
+                self.sink.release()
         if exc_type is None and self.sink.layer_counts:
             self._result = self._finish()
 
