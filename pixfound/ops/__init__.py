@@ -14,6 +14,7 @@ benchmarks compare against that reference.
 """
 from __future__ import annotations
 
+from pixfound.ops import attention  # noqa: F401 - registers pixfound::image_attention with torch
 from pixfound.ops.backends import KERNEL_BACKEND_HELP, KERNEL_BACKENDS, resolve_kernel_backend
 from pixfound.ops.masks import (
     PackedMasks,
@@ -26,8 +27,6 @@ from pixfound.ops.masks import (
     topk_peaks_reference,
 )
 from pixfound.ops.upsample import upsample_peaks, upsample_peaks_reference, upsample_reference
-
-from pixfound.ops import attention  # noqa: E402,F401  registers pixfound::image_attention  isort: skip
 
 __all__ = [
     "KERNEL_BACKENDS",
