@@ -1,6 +1,6 @@
 import os
 
-from pixfound._kernels._backend import default_to_interpreter_without_cuda
+from pixfound.triton_kernels import default_to_interpreter_without_cuda
 
 default_to_interpreter_without_cuda()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -801,8 +801,8 @@ def _memory_above_start(fn: Callable[[], Any], device: str) -> dict:
 def section_upsample(ctx: BenchContext, budget: Budget) -> dict:
     import torch
 
-    from pixfound._kernels._backend import use_triton
-    from pixfound._kernels.upsample_peak import upsample_peaks
+    from pixfound.ops import upsample_peaks
+    from pixfound.triton_kernels import interpreting, triton_available
     from test_grounding_bench import published_interpolate_argmax
 
     settings = ctx.settings
@@ -811,9 +811,9 @@ def section_upsample(ctx: BenchContext, budget: Budget) -> dict:
     maps = torch.randn(maps_count, *settings.upsample_grid, generator=generator).to(ctx.device)
     variants: dict[str, Callable[[], Any]] = {
         "published: interpolate + crop + argmax": lambda: published_interpolate_argmax(maps, size),
-        "pixfound torch reference": lambda: upsample_peaks(maps, size, aspect="pad", backend="torch"),
+        "pixfound torch reference": lambda: upsample_peaks(maps, size, aspect="pad", backend="reference"),
     }
-    if use_triton(maps):
+    if triton_available() and (maps.is_cuda or interpreting()):
         variants["pixfound fused (Triton)"] = lambda: upsample_peaks(maps, size, aspect="pad", backend="triton")
     else:
         log("upsample: Triton cannot run here (no CUDA and no TRITON_INTERPRET=1); fused row skipped")

@@ -432,7 +432,7 @@ def run_pixfound(samples: Sequence[Any], adapter: Any, segmenter: Any, mode: str
         protocols=tuple(sorted(protocols)), batch_size=batch_size, max_new_tokens=max_new_tokens,
         sam_batch_size=sam_batch_size or batch_size, device=device.split(":")[0],
         dtype=str(adapter.dtype).replace("torch.", ""),
-        kernel_backend=kernel_backend or ("auto" if device.startswith("cuda") else "torch"),
+        kernel_backend=kernel_backend or ("auto" if device.startswith("cuda") else "reference"),
         progress=False, sam_dtype=sam_dtype, share_image_prefix=share_image_prefix, kv_cache=kv_cache,
         overlap=overlap,
     )

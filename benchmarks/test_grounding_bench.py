@@ -8,7 +8,7 @@ mode, so torch upsamples to 1024x1024 before cropping).
 
 * ``test_upsample_peak_published_interpolate_argmax``: the published code
   (``F.interpolate`` + centre crop + ``argmax``), the baseline.
-* ``test_upsample_peak_torch_reference``: ``upsample_peaks(backend="torch")``, our
+* ``test_upsample_peak_torch_reference``: ``upsample_peaks(backend="reference")``, our
   reference path (same work plus validation).
 * ``test_upsample_peak_fused_triton``: the fused Triton kernels; CUDA only (on CPU Triton
   only runs in its interpreter, which is a correctness tool, not a benchmark).
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pixfound._kernels._backend import use_triton
-from pixfound._kernels.upsample_peak import upsample_peaks
+from pixfound.ops import upsample_peaks
+from pixfound.triton_kernels import interpreting, triton_available
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -118,7 +118,7 @@ def test_upsample_peak_published_interpolate_argmax(benchmark):
 @pytest.mark.benchmark(group=UPSAMPLE_GROUP)
 def test_upsample_peak_torch_reference(benchmark):
     maps = _upsample_bench_maps()
-    fn = _synced(lambda: upsample_peaks(maps, UPSAMPLE_SIZE, aspect="pad", backend="torch"))
+    fn = _synced(lambda: upsample_peaks(maps, UPSAMPLE_SIZE, aspect="pad", backend="reference"))
     benchmark.extra_info.update(_memory_figure(fn), device=DEVICE, maps=UPSAMPLE_MAPS)
     peaks = benchmark.pedantic(fn, rounds=5, iterations=1, warmup_rounds=1)
     published = published_interpolate_argmax(maps, UPSAMPLE_SIZE)
@@ -142,7 +142,7 @@ def test_upsample_peak_fused_triton(benchmark):
 def test_upsample_peak_fused_allocates_no_full_maps():
     n_maps = UPSAMPLE_MAPS if DEVICE == "cuda" else UPSAMPLE_MAPS_INTERPRETED
     maps = _upsample_bench_maps(n_maps)
-    if not use_triton(maps):
+    if not (triton_available() and (maps.is_cuda or interpreting())):
         pytest.skip("no Triton backend here: needs CUDA, or TRITON_INTERPRET=1 set before import")
     upsample_peaks(maps, UPSAMPLE_SIZE, backend="triton")  # compile first
     fused = _memory_figure(lambda: upsample_peaks(maps, UPSAMPLE_SIZE, backend="triton"))

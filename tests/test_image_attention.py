@@ -1,7 +1,7 @@
-"""The image-attention Triton kernel against its torch reference.
+"""The capture op pixfound::image_attention: its C++ and Triton kernels against the torch reference.
 
-On a machine without CUDA, tests/conftest.py sets TRITON_INTERPRET=1 and the kernel runs in
-Triton's interpreter on CPU tensors, so sizes stay small. With CUDA every test runs natively.
+On a machine without CUDA, tests/conftest.py sets TRITON_INTERPRET=1 and the Triton kernels run in
+Triton's interpreter on CPU tensors, so sizes stay small. With CUDA every Triton test runs natively.
 """
 from __future__ import annotations
 
@@ -11,21 +11,32 @@ from dataclasses import dataclass, fields, replace
 import pytest
 import torch
 
-from pixfound._kernels._backend import interpreter_incompatibility, resolve_backend, use_triton
-from pixfound._kernels.image_attention import image_attention, image_attention_reference
+from pixfound.errors import UserError
+from pixfound.ops import attention
+from pixfound.ops.attention_reference import image_attention_reference
+from pixfound.ops.backends import resolve_kernel_backend
+from pixfound.triton_kernels import interpreter_incompatibility, interpreting, triton_available
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CPU = torch.device("cpu")
+
+
+TRITON_HERE = triton_available() and (DEVICE.type == "cuda" or interpreting())
 
 
 def backend_device(backend: str) -> torch.device:
     """Where a backend's inputs live: the C++ path takes host tensors even on a machine with CUDA."""
     return torch.device("cpu") if backend == "cpp" else DEVICE
 
+
 requires_triton = pytest.mark.skipif(
-    not use_triton(torch.empty(0, device=DEVICE)),
-    reason="Triton cannot run here (needs CUDA, or TRITON_INTERPRET=1 and an importable triton)",
+    not TRITON_HERE, reason="Triton cannot run here (needs CUDA, or TRITON_INTERPRET=1 and an importable triton)"
 )
+
+
+def image_attention(q: torch.Tensor, k: torch.Tensor, *, scale: float, **options: object) -> torch.Tensor:
+    """One layer of the capture op (which takes a list of layers)."""
+    return attention.image_attention([q], [k], [scale], **options)
 
 
 @dataclass(frozen=True)
@@ -195,11 +206,17 @@ def assert_within_flash_attention_bound(inputs: Inputs, dtype: torch.dtype) -> N
     assert kernel_error <= 2 * baseline_error + 1e-6, (kernel_error, baseline_error)
 
 
-@requires_triton
-def test_auto_backend_runs_the_kernel_here() -> None:
+def test_auto_backend_runs_the_op_registered_for_the_device() -> None:
+    """auto: the C++ core for CPU tensors, Triton for CUDA tensors, through torch's dispatcher."""
+    assert resolve_kernel_backend("auto", "cpu") == "cpp"
+    if triton_available():
+        assert resolve_kernel_backend("auto", "cuda:0") == "triton"
+    assert resolve_kernel_backend("auto", "meta") == "reference"
     inputs = make_inputs(CASES[3], seed=3)
     got = image_attention(inputs.q, inputs.k, **inputs.kwargs())  # backend="auto"
     torch.testing.assert_close(got, run_reference(inputs), atol=1e-6, rtol=0)
+    schema = str(torch.ops.pixfound.image_attention.default._schema)
+    assert schema.startswith("pixfound::image_attention(Tensor[] queries, Tensor[] keys, float[] scales")
 
 
 @requires_triton
@@ -279,9 +296,9 @@ def test_unvalidated_out_of_range_indices_are_clamped_not_read() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_torch_backend_is_the_reference(dtype: torch.dtype) -> None:
+def test_reference_backend_is_the_reference(dtype: torch.dtype) -> None:
     inputs = make_inputs(CASES[4], dtype=dtype, seed=31)
-    got = image_attention(inputs.q, inputs.k, backend="torch", **inputs.kwargs())
+    got = image_attention(inputs.q, inputs.k, backend="reference", **inputs.kwargs())
     assert torch.equal(got, run_reference(inputs))
 
 
@@ -337,7 +354,7 @@ def test_too_small_width_and_unknown_backend_raise_value_error() -> None:
         image_attention(inputs.q, inputs.k, **inputs.kwargs(), num_image_keys=1)
     with pytest.raises(ValueError, match=r"num_image_keys must be a non-negative int"):
         image_attention(inputs.q, inputs.k, **inputs.kwargs(), num_image_keys=-1)
-    with pytest.raises(ValueError, match=r"backend must be 'auto', 'triton' or 'torch'"):
+    with pytest.raises(UserError, match=r"kernel backend must be one of auto, cpp, triton, reference, got 'cuda'"):
         image_attention(inputs.q, inputs.k, **inputs.kwargs(), backend="cuda")
 
 
@@ -362,13 +379,23 @@ def test_interpreter_with_an_incompatible_numpy_fails_before_launching(monkeypat
 
     monkeypatch.setattr(triton, "__version__", "3.6.0")
     monkeypatch.setattr(numpy, "__version__", "2.4.6")
-    host = torch.zeros(2)
-    if not use_triton(host):
-        pytest.skip("Triton runs CPU tensors only under TRITON_INTERPRET=1")
-    for backend in ("triton", "auto"):  # under the interpreter "auto" picks Triton for CPU tensors
-        with pytest.raises(RuntimeError, match=r"Triton 3\.6\.0's interpreter .* NumPy 2\.4\.6.*needs NumPy < 2\.4"):
-            resolve_backend(backend, host)
-    assert resolve_backend("torch", host) == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(UserError, match=r"Triton 3\.6\.0's interpreter .* NumPy 2\.4\.6.*needs NumPy < 2\.4"):
+        resolve_kernel_backend("triton", "cpu")
+    assert resolve_kernel_backend("auto", "cpu") == "cpp"  # the interpreter only runs when asked for
+    assert resolve_kernel_backend("reference", "cpu") == "reference"
+
+
+def test_a_backend_that_cannot_run_here_is_one_clear_user_error(monkeypatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(UserError, match=r"'cpp' runs on CPU tensors, these are on cuda:0"):
+        resolve_kernel_backend("cpp", torch.device("cuda", 0))
+    if triton_available():
+        with pytest.raises(UserError, match=r"'triton' runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET"):
+            resolve_kernel_backend("triton", "cpu")
+    with pytest.raises(UserError) as unknown:
+        resolve_kernel_backend("torch", "cpu")
+    assert "\n" not in str(unknown.value) and "auto, cpp, triton, reference" in str(unknown.value)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="native kernel test needs CUDA")
@@ -377,7 +404,7 @@ def test_interpreter_with_an_incompatible_numpy_fails_before_launching(monkeypat
 def test_native_cuda_kernels_at_model_sizes(dtype: torch.dtype, kernel: str) -> None:
     """LLaVA-like sizes (576 image keys, head dim 128) and Qwen2-VL-like GQA (28/4 heads), natively; the
     row-block kernel with a window of 32 (and 9) decode steps."""
-    from pixfound._kernels import image_attention as module
+    from pixfound.triton_kernels import image_attention as module
 
     windows = (32, 9) if kernel == "row_block" else (2, 1)
     for case in (
@@ -387,8 +414,9 @@ def test_native_cuda_kernels_at_model_sizes(dtype: torch.dtype, kernel: str) -> 
         inputs = make_inputs(case, dtype=dtype, seed=43)
         width = int(inputs.image_len.max())
         if kernel == "row_block":
-            checked = module._Inputs(inputs.image_start, inputs.image_len, inputs.key_start, inputs.key_end, width)
-            got = module._launch_rows_kernel(inputs.q, inputs.k, checked, inputs.scale)
+            index = module.Index(inputs.image_start, inputs.image_len, inputs.key_start, inputs.key_end, None, None,
+                                 width)
+            got = module._launch_row_block_kernel(inputs.q, inputs.k, index, inputs.scale)
         else:
             got = run_kernel(inputs, validate=False, num_image_keys=width)
         assert_within_bound_of_reference(got, inputs, dtype)
@@ -405,7 +433,7 @@ def assert_within_bound_of_reference(got: torch.Tensor, inputs: Inputs, dtype: t
 
 
 # ----------------------------------------------------------------------------------------------
-# The C++ host path (backend="cpp"; what "auto" runs for float32 CPU tensors without the interpreter)
+# The C++ core (backend="cpp"; the op's CPU kernel, what "auto" runs for CPU tensors)
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_cpp_matches_reference_fp32(case: Case) -> None:
@@ -436,7 +464,7 @@ def test_cpp_reads_strided_views_clamps_indices_and_gives_zero_rows() -> None:
 
 def test_cpp_reads_key_cache_views_without_a_copy_bit_for_bit() -> None:
     """Keys as a preallocated cache hands them out (views of a longer buffer) give the contiguous bits."""
-    from pixfound._kernels.image_attention import _host_rows, image_attention_layers_cpp_into
+    from pixfound.ops.attention import _host_rows
 
     case = Case(batch=3, heads_q=6, heads_kv=2, rows=1, num_keys=37, head_dim=12, image_at="middle")
     layers = [make_inputs(case, seed=40 + i, device=CPU) for i in range(2)]
@@ -452,20 +480,23 @@ def test_cpp_reads_key_cache_views_without_a_copy_bit_for_bit() -> None:
     assert _host_rows(views[0]).ctypes.data == views[0].data_ptr()  # handed over without a copy
 
     def run(keys: list[torch.Tensor]) -> torch.Tensor:
-        return image_attention_layers_cpp_into(torch.zeros(case.batch, 1, width), [l.q for l in layers], keys,
-                                               [l.scale for l in layers], **index_args)
+        return attention.image_attention([l.q for l in layers], keys, [l.scale for l in layers], backend="cpp",
+                                         num_image_keys=width, **index_args)
 
     assert torch.equal(run(views), run([l.k for l in layers]))
 
 
-def test_cpp_backend_needs_float32_host_tensors_and_rejects_bad_arrays() -> None:
+def test_cpp_upcasts_16_bit_host_tensors_and_the_core_rejects_bad_arrays() -> None:
     import numpy as np
 
     from pixfound import _C
 
-    inputs = make_inputs(CASES[2], dtype=torch.bfloat16, seed=3, device=CPU)
-    with pytest.raises(ValueError, match="backend='cpp' takes float32 CPU tensors"):
-        image_attention(inputs.q, inputs.k, backend="cpp", **inputs.kwargs())
+    for dtype in (torch.bfloat16, torch.float16):
+        inputs = make_inputs(CASES[5], dtype=dtype, seed=3, device=CPU)
+        upcast = replace(inputs, q=inputs.q.float(), k=inputs.k.float())
+        got = image_attention(inputs.q, inputs.k, backend="cpp", **inputs.kwargs())
+        assert torch.equal(got, image_attention(upcast.q, upcast.k, backend="cpp", **upcast.kwargs()))
+        torch.testing.assert_close(got, run_reference(inputs), atol=1e-6, rtol=0)
     q = np.zeros((1, 2, 1, 4), np.float32)
     k = np.zeros((1, 1, 5, 4), np.float32)
     index = np.zeros(1, np.int64)
@@ -478,45 +509,33 @@ def test_cpp_backend_needs_float32_host_tensors_and_rejects_bad_arrays() -> None
         _C.image_attention(q, k, index, index, index, np.zeros((1, 2), np.int64), 1.0, 1)
 
 
-def test_cpp_into_adds_into_out_and_rejects_an_out_it_would_copy() -> None:
-    """The probe's hot path: each call adds into ``out``; an out that would need a conversion is refused."""
+def test_cpp_core_rejects_an_out_it_would_copy() -> None:
     import numpy as np
 
     from pixfound import _C
-    from pixfound._kernels.image_attention import image_attention_cpp_into
 
     inputs = make_inputs(CASES[4], seed=11, device=CPU)
     expected = image_attention_reference(inputs.q, inputs.k, **inputs.kwargs())
     batch, rows, width = expected.shape
-    out = torch.zeros(batch, rows, width)
     index_args = {name: getattr(inputs, name) for name in ("image_start", "image_len", "key_start", "key_end")}
-    returned = image_attention_cpp_into(out, inputs.q, inputs.k, scale=inputs.scale, **index_args)
-    assert returned is out
-    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
-    as_numpy = {name: value.contiguous().numpy() for name, value in index_args.items()}
-    image_attention_cpp_into(out, inputs.q, inputs.k, scale=inputs.scale, **as_numpy)  # NumPy indices too
-    torch.testing.assert_close(out, 2 * expected, atol=2e-6, rtol=1e-5)
-    with pytest.raises(ValueError, match="contiguous float32 CPU tensor"):
-        image_attention_cpp_into(out.double(), inputs.q, inputs.k, scale=inputs.scale, **index_args)
-    with pytest.raises(ValueError, match="out has shape"):
-        image_attention_cpp_into(torch.zeros(batch, rows + 1, width), inputs.q, inputs.k, scale=inputs.scale,
-                                 **index_args)
-    arrays = [inputs.q.numpy(), inputs.k.numpy(), *as_numpy.values()]
+    arrays = [inputs.q.numpy(), inputs.k.numpy(), *(value.contiguous().numpy() for value in index_args.values())]
+    out = np.zeros((batch, rows, width), np.float32)
+    _C.image_attention(*arrays, inputs.scale, width, out=out)
+    _C.image_attention(*arrays, inputs.scale, width, out=out)  # the core adds into out
+    torch.testing.assert_close(torch.from_numpy(out), 2 * expected, atol=2e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="out must be float32"):
         _C.image_attention(*arrays, inputs.scale, width, out=np.zeros((batch, rows, width)))
     with pytest.raises(ValueError, match="out must be a float32 numpy array"):
         _C.image_attention(*arrays, inputs.scale, width, out=[0.0])
-    with pytest.raises(ValueError, match="gap_start and gap_end must be given together"):
-        image_attention_cpp_into(out, inputs.q, inputs.k, scale=inputs.scale, gap_start=index_args["key_start"],
-                                 **index_args)
+    with pytest.raises(ValueError, match="out has shape"):
+        _C.image_attention(*arrays, inputs.scale, width, out=np.zeros((batch, rows + 1, width), np.float32))
 
 
 def test_cpp_layers_call_equals_one_call_per_layer_bit_for_bit() -> None:
-    """The probe's one call per step (all layers) gives the bits of one call per layer, gap included."""
+    """One op call for all layers gives the bits of the core called once per layer (adding into out), gap included."""
     import numpy as np
 
     from pixfound import _C
-    from pixfound._kernels.image_attention import image_attention_cpp_into, image_attention_layers_cpp_into
 
     layers = [make_inputs(CASES[4], seed=20 + i, device=CPU) for i in range(3)]
     first = layers[0]
@@ -524,14 +543,14 @@ def test_cpp_layers_call_equals_one_call_per_layer_bit_for_bit() -> None:
     width = int(first.image_len.max())
     index_args = {name: getattr(first, name) for name in ("image_start", "image_len", "key_start", "key_end")}
     gaps = dict(gap_start=first.key_start + 1, gap_end=first.key_start + 3)
-    one_by_one = torch.zeros(batch, rows, width)
+    arrays = {name: value.contiguous().numpy() for name, value in {**index_args, **gaps}.items()}
+    one_by_one = np.zeros((batch, rows, width), np.float32)
     for layer in layers:
-        image_attention_cpp_into(one_by_one, layer.q, layer.k, scale=layer.scale, **index_args, **gaps)
-    together = image_attention_layers_cpp_into(
-        torch.zeros(batch, rows, width), [l.q for l in layers], [l.k for l in layers], [l.scale for l in layers],
-        **index_args, **gaps,
-    )
-    assert torch.equal(together, one_by_one)
+        _C.image_attention_layers([layer.q.numpy()], [layer.k.numpy()], [layer.scale], num_image_keys=width,
+                                  out=one_by_one, **arrays)
+    together = attention.image_attention([l.q for l in layers], [l.k for l in layers], [l.scale for l in layers],
+                                         backend="cpp", **index_args, **gaps)
+    assert torch.equal(together, torch.from_numpy(one_by_one))
     expected = sum(image_attention_reference(l.q, l.k, **index_args, scale=l.scale, num_image_keys=width, **gaps)
                    for l in layers)
     torch.testing.assert_close(together, expected, atol=3e-6, rtol=1e-5)
@@ -758,7 +777,7 @@ def test_cpp_with_gap_matches_reference_fp32(case: Case, kinds: tuple[str, ...])
 
 
 def _backends() -> list[str]:
-    return ["torch", "cpp"] + (["triton"] if use_triton(torch.empty(0, device=DEVICE)) else [])
+    return ["reference", "cpp"] + (["triton"] if TRITON_HERE else [])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -766,8 +785,6 @@ def test_no_gap_equals_an_empty_gap_bitwise_on_every_backend(dtype: torch.dtype)
     """Leaving the gap out, a gap of zeros and a gap [L, L) give the same bits as today's call."""
     case = Case(batch=3, heads_q=4, heads_kv=2, rows=2, num_keys=150, head_dim=16, image_at="straddle")
     for backend in _backends():
-        if backend == "cpp" and dtype != torch.float32:
-            continue
         inputs = make_inputs(case, dtype=dtype, seed=47, device=backend_device(backend))
         zeros = torch.zeros_like(inputs.key_start)
         at_end = torch.full_like(inputs.key_start, case.num_keys)
@@ -893,18 +910,8 @@ def test_cpp_binding_checks_the_gap_arrays() -> None:
         _C.image_attention(q, k, index, lengths, index, ends, 1.0, 5, np.zeros(3, np.int64), index)
 
 
-def test_public_ops_wrapper_forwards_the_gap() -> None:
-    from pixfound import ops
-
-    inputs = with_gaps(make_inputs(GAP_KERNEL_CASES[0][0], seed=61), GAP_KERNEL_CASES[0][1], seed=6)
-    got = ops.image_attention(inputs.q, inputs.k, backend="torch", **inputs.kwargs())
-    assert torch.equal(got, run_reference(inputs))
-    with pytest.raises(ValueError, match="must be given together"):
-        ops.image_attention(inputs.q, inputs.k, backend="torch", **replace(inputs, gap_end=None).kwargs())
-
-
 # ----------------------------------------------------------------------------------------------
-# The probe's GPU path: one launch for a step's layers (image_attention_layers_triton_into)
+# Several layers in one call: one Triton launch for a model's layers
 # ----------------------------------------------------------------------------------------------
 def _layer_stack(case: Case, count: int, *, dtype: torch.dtype, seed: int, strided: bool) -> list[Inputs]:
     """``count`` layers with the same shapes and indices, each q/k its own allocation (as a model's layers)."""
@@ -928,11 +935,10 @@ def _layer_stack(case: Case, count: int, *, dtype: torch.dtype, seed: int, strid
 def test_triton_layers_call_equals_the_sum_of_one_call_per_layer(
     case: Case, kinds, strided: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pixfound._kernels import image_attention as module
-    from pixfound._kernels.image_attention import image_attention_layers_triton_into
+    from pixfound.triton_kernels import image_attention as module
 
     launches: list[int] = []
-    for name in ("_launch_kernel", "_launch_rows_kernel"):  # one query row, or several (a window of steps)
+    for name in ("_launch_row_kernel", "_launch_row_block_kernel"):  # one query row, or several (a window of steps)
         launch = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *args, _launch=launch, **kwargs:
                             launches.append(kwargs.get("layers", 1)) or _launch(*args, **kwargs))
@@ -944,29 +950,24 @@ def test_triton_layers_call_equals_the_sum_of_one_call_per_layer(
     first = layers[0]
     width = int(first.image_len.max())
     index = {name: value for name, value in first.kwargs().items() if name != "scale"}
-    out = torch.full((case.batch, case.rows, width), 0.5, device=DEVICE)  # added into, not overwritten
-    returned = image_attention_layers_triton_into(out, [l.q for l in layers], [l.k for l in layers],
-                                                  [first.scale] * 3, **index)
-    assert returned is out
+    out = attention.image_attention([l.q for l in layers], [l.k for l in layers], [first.scale] * 3,
+                                    backend="triton", **index)
     assert launches == [3]  # one launch for the three layers
+    assert out.shape == (case.batch, case.rows, width)
     one_by_one = sum(run_kernel(layer) for layer in layers)
-    torch.testing.assert_close(out - 0.5, one_by_one, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out, one_by_one, atol=1e-6, rtol=0)
     expected = sum(run_reference(layer, compute_dtype=torch.float64) for layer in layers)
-    torch.testing.assert_close((out - 0.5).double().cpu(), expected.cpu(), atol=3e-6, rtol=0)
+    torch.testing.assert_close(out.double().cpu(), expected.cpu(), atol=3e-6, rtol=0)
 
 
 @requires_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_triton_layers_call_low_precision_gqa(dtype: torch.dtype) -> None:
-    from pixfound._kernels.image_attention import image_attention_layers_triton_into
-
     case = Case(batch=3, heads_q=8, heads_kv=2, rows=1, num_keys=203, head_dim=32, image_at="middle")
     layers = _layer_stack(case, 4, dtype=dtype, seed=31, strided=True)
-    width = int(layers[0].image_len.max())
     index = {name: value for name, value in layers[0].kwargs().items() if name != "scale"}
-    out = image_attention_layers_triton_into(torch.zeros(case.batch, case.rows, width, device=DEVICE),
-                                             [l.q for l in layers], [l.k for l in layers], [layers[0].scale] * 4,
-                                             **index)
+    out = attention.image_attention([l.q for l in layers], [l.k for l in layers], [layers[0].scale] * 4,
+                                    backend="triton", **index)
     torch.testing.assert_close(out, sum(run_kernel(layer) for layer in layers), atol=1e-6, rtol=0)
     expected = sum(run_reference(layer, compute_dtype=torch.float64) for layer in layers)
     # Each layer's row sums to at most 1: an absolute bound of bf16/fp16 score rounding per layer.
@@ -998,72 +999,44 @@ def _rows_kernel_inputs(case: Case, kinds, *, gap: bool, dtype: torch.dtype, see
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case, kinds", ROWS_CASES, ids=ROWS_IDS)
 def test_row_block_kernel_matches_reference(case: Case, kinds, dtype: torch.dtype, gap: bool) -> None:
-    from pixfound._kernels.image_attention import _Inputs, _launch_rows_kernel
+    from pixfound.triton_kernels.image_attention import Index, _launch_row_block_kernel
 
     inputs = _rows_kernel_inputs(case, kinds, gap=gap, dtype=dtype, seed=3 * case.rows + case.num_keys)
     width = int(inputs.image_len.max())
-    checked = _Inputs(inputs.image_start, inputs.image_len, inputs.key_start, inputs.key_end, width,
-                      inputs.gap_start, inputs.gap_end)
-    got = _launch_rows_kernel(inputs.q, inputs.k, checked, inputs.scale)
+    index = Index(inputs.image_start, inputs.image_len, inputs.key_start, inputs.key_end, inputs.gap_start,
+                  inputs.gap_end, width)
+    got = _launch_row_block_kernel(inputs.q, inputs.k, index, inputs.scale)
     assert_within_bound_of_reference(got, inputs, dtype)
     assert torch.isfinite(got).all()
 
 
 @requires_triton
-def test_row_block_kernel_failure_falls_back_to_one_launch_per_row(monkeypatch: pytest.MonkeyPatch) -> None:
-    """If the row-block kernel cannot run (it has not run natively on every GPU), the rows are computed
-    one by one with the per-row kernel: a warning, the same result, and no second try."""
-    from pixfound._kernels import image_attention as module
-    from pixfound._kernels.image_attention import image_attention_layers_triton_into
-
-    calls = []
+def test_a_failing_row_block_kernel_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken kernel fails loudly, every time: no quiet switch to another kernel."""
+    from pixfound.triton_kernels import image_attention as module
 
     def broken(*args, **kwargs):
-        calls.append(1)
         raise RuntimeError("no such kernel on this card")
 
-    monkeypatch.setattr(module, "_launch_rows_kernel", broken)
-    monkeypatch.setattr(module, "_ROWS_KERNEL_FAILED", [])
-    case, kinds = ROWS_CASES[0]
+    monkeypatch.setattr(module, "_launch_row_block_kernel", broken)
+    case, _ = ROWS_CASES[0]
     layers = _layer_stack(case, 2, dtype=torch.float32, seed=5, strided=False)
     index = {name: value for name, value in layers[0].kwargs().items() if name != "scale"}
-    width = int(layers[0].image_len.max())
-
-    def run() -> torch.Tensor:
-        return image_attention_layers_triton_into(torch.zeros(case.batch, case.rows, width, device=DEVICE),
-                                                  [l.q for l in layers], [l.k for l in layers],
-                                                  [layers[0].scale] * 2, **index)
-
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory")
-
-    monkeypatch.setattr(module, "_launch_rows_kernel", out_of_memory)
-    with pytest.raises(torch.OutOfMemoryError):  # not a kernel failure: no fallback, and it stays on
-        run()
-    assert not module._ROWS_KERNEL_FAILED
-    monkeypatch.setattr(module, "_launch_rows_kernel", broken)
-    with pytest.warns(RuntimeWarning, match="row-block image_attention kernel failed"):
-        first = run()
-    second = run()
-    assert calls == [1] and module._ROWS_KERNEL_FAILED
-    expected = sum(run_reference(layer, compute_dtype=torch.float64) for layer in layers)
-    torch.testing.assert_close(first.double().cpu(), expected.cpu(), atol=2e-6, rtol=0)
-    assert torch.equal(first, second)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="no such kernel"):
+            attention.image_attention([l.q for l in layers], [l.k for l in layers], [layers[0].scale] * 2,
+                                      backend="triton", **index)
 
 
 @requires_triton
 def test_triton_layers_call_falls_back_to_one_launch_per_layer_when_layers_differ() -> None:
     """Different key lengths or scales cannot share a launch; the sum is still right."""
-    from pixfound._kernels.image_attention import image_attention_layers_triton_into
-
     short = Case(batch=2, heads_q=4, heads_kv=2, rows=1, num_keys=90, head_dim=16, image_at="start")
     long = replace(short, num_keys=130)
     a, b = make_inputs(short, seed=1), make_inputs(long, seed=2)
     b = replace(b, image_start=a.image_start, image_len=a.image_len, key_start=a.key_start, key_end=a.key_end)
-    width = int(a.image_len.max())
     index = {name: value for name, value in a.kwargs().items() if name != "scale"}
-    out = image_attention_layers_triton_into(torch.zeros(2, 1, width, device=DEVICE), [a.q, b.q], [a.k, b.k],
-                                             [a.scale, 0.5 * a.scale], **index)
+    out = attention.image_attention([a.q, b.q], [a.k, b.k], [a.scale, 0.5 * a.scale], backend="triton", **index)
     expected = run_kernel(a) + run_kernel(replace(b, scale=0.5 * a.scale))
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
 
@@ -1071,8 +1044,7 @@ def test_triton_layers_call_falls_back_to_one_launch_per_layer_when_layers_diffe
 @requires_triton
 def test_triton_layers_call_with_a_tensor_off_the_16_byte_grid_launches_per_layer(monkeypatch) -> None:
     """Layers are addressed in 16-byte units from the lowest one; a tensor off that grid cannot be."""
-    from pixfound._kernels import image_attention as module
-    from pixfound._kernels.image_attention import image_attention_layers_triton_into
+    from pixfound.triton_kernels import image_attention as module
 
     case = Case(batch=2, heads_q=4, heads_kv=2, rows=1, num_keys=50, head_dim=16, image_at="middle")
     a, b = make_inputs(case, seed=4), make_inputs(case, seed=5)
@@ -1080,32 +1052,27 @@ def test_triton_layers_call_with_a_tensor_off_the_16_byte_grid_launches_per_laye
     shifted_k = flat[1:].view(b.k.shape)  # 4 bytes past an aligned allocation
     shifted_k.copy_(b.k)
     launches: list[int] = []
-    launch = module._launch_kernel
-    monkeypatch.setattr(module, "_launch_kernel",
+    launch = module._launch_row_kernel
+    monkeypatch.setattr(module, "_launch_row_kernel",
                         lambda *args, **kwargs: launches.append(kwargs.get("layers", 1)) or launch(*args, **kwargs))
-    width = int(a.image_len.max())
     index = {name: value for name, value in a.kwargs().items() if name != "scale"}
-    out = image_attention_layers_triton_into(torch.zeros(2, 1, width, device=DEVICE), [a.q, b.q], [a.k, shifted_k],
-                                             [a.scale, a.scale], **index)
+    out = attention.image_attention([a.q, b.q], [a.k, shifted_k], [a.scale, a.scale], backend="triton", **index)
     assert launches == [1, 1]
     expected = run_kernel(a) + run_kernel(replace(b, image_start=a.image_start, image_len=a.image_len,
                                                   key_start=a.key_start, key_end=a.key_end))
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
 
 
-def test_triton_layers_call_rejects_bad_lists_and_out() -> None:
-    from pixfound._kernels.image_attention import image_attention_layers_triton_into
-
-    inputs = make_inputs(CASES[3], seed=3)
+@pytest.mark.parametrize("backend", ["reference", "cpp"] + (["triton"] if TRITON_HERE else []))
+def test_layers_call_rejects_bad_lists(backend: str) -> None:
+    inputs = make_inputs(CASES[3], seed=3, device=backend_device(backend))
     index = {name: value for name, value in inputs.kwargs().items() if name != "scale"}
-    width = int(inputs.image_len.max())
-    good_out = torch.zeros(2, 2, width, device=DEVICE)
     with pytest.raises(ValueError, match="non-empty and of one length"):
-        image_attention_layers_triton_into(good_out, [], [], [], **index)
+        attention.image_attention([], [], [], backend=backend, **index)
     with pytest.raises(ValueError, match="non-empty and of one length"):
-        image_attention_layers_triton_into(good_out, [inputs.q], [inputs.k, inputs.k], [1.0], **index)
-    with pytest.raises(ValueError, match=r"out must be float32 \[B=2, R=2, N\]"):
-        image_attention_layers_triton_into(good_out.double(), [inputs.q], [inputs.k], [1.0], **index)
-    with pytest.raises(ValueError, match=r"out must be float32"):
-        image_attention_layers_triton_into(torch.zeros(2, 3, width, device=DEVICE), [inputs.q], [inputs.k], [1.0],
-                                           **index)
+        attention.image_attention([inputs.q], [inputs.k, inputs.k], [1.0], backend=backend, **index)
+    with pytest.raises(ValueError, match="must be lists"):
+        attention.image_attention(inputs.q, inputs.k, 1.0, backend=backend, **index)
+    with pytest.raises(ValueError, match="layer 1 has q of shape .* every layer needs the same batch, rows"):
+        attention.image_attention([inputs.q, inputs.q[:, :, :1]], [inputs.k, inputs.k], [1.0, 1.0], backend=backend,
+                                  **index)

@@ -122,8 +122,6 @@ def test_llava_next_shares_prefixes_of_equal_length():
     shared = adapter.generate(samples, PROMPTS[:2], max_new_tokens=NEW_TOKENS, capture="fused", prefixes=prefixes)
     assert all(g.timings["prefix_shared"] for g in shared)
     _assert_close(full, shared)
-    for a, b in zip(full, shared):
-        assert (a.extra_maps["base"][0] - b.extra_maps["base"][0]).abs().max().item() <= MAP_TOL
 
 
 def test_qwen2_vl_cannot_share_prefixes():
@@ -184,17 +182,17 @@ def test_share_image_prefix_is_refused_for_families_that_cannot():
         _pipeline(model="tiny-qwen2-vl", share_image_prefix=True, protocols=(1,))
 
 
-def test_cpp_kernel_backend_runs_the_pipeline_and_matches_torch():
-    """--kernel-backend cpp: the C++ capture (the upsample+peak op then runs torch) gives torch's records."""
+def test_cpp_kernel_backend_runs_the_pipeline_and_matches_the_reference():
+    """--kernel-backend cpp: the C++ capture and upsample + peak give the reference backend's records."""
     from pixfound.data import load_benchmark
 
     samples = list(load_benchmark("synthetic", n=2, seed=1, size=(48, 64)))
     records = {}
-    for backend in ("cpp", "torch"):
+    for backend in ("cpp", "reference"):
         pipeline = _pipeline(kernel_backend=backend, protocols=(3,), share_image_prefix=True)
         records[backend] = pipeline.process(samples, 3)
         pipeline.end_batch()
-    for a, b in zip(records["cpp"], records["torch"]):
+    for a, b in zip(records["cpp"], records["reference"]):
         assert a["answer"] == b["answer"]
         assert a["grounding"]["points"] == b["grounding"]["points"]
         assert a["grounding"]["points"], "no phrase was grounded"

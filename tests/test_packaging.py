@@ -34,8 +34,30 @@ def test_prompt_templates_ship_as_package_data():
     assert {"vqa_templates.json", "grounding_templates.json"} <= names
 
 
-@pytest.mark.parametrize("module", ["pixfound.ops", "pixfound._kernels.image_attention"])
+@pytest.mark.parametrize("module", ["pixfound.ops", "pixfound.triton_kernels.image_attention"])
 def test_modules_import_without_a_gpu(module):
     import importlib
 
     assert importlib.import_module(module) is not None
+
+
+def test_triton_kernels_ship_inside_the_package():
+    """triton_kernels/ installs as pixfound.triton_kernels (wheel.packages in pyproject.toml)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pixfound.triton_kernels")
+    assert spec is not None and pathlib.Path(spec.origin).parent.name == "triton_kernels"
+    assert importlib.util.find_spec("pixfound.triton_kernels.image_attention") is not None
+    assert importlib.util.find_spec("pixfound.triton_kernels.upsample_peak") is not None
+
+
+def test_triton_kernels_are_imported_only_as_pixfound_triton_kernels():
+    """A top-level ``triton_kernels`` is another PyPI package: no source may import that name."""
+    import re
+
+    top_level = re.compile(r"^\s*(?:import triton_kernels\b|from triton_kernels\b)", re.MULTILINE)
+    sources = [p for folder in ("pixfound", "triton_kernels", "tests", "benchmarks", "tools")
+               for p in (ROOT / folder).rglob("*.py")]
+    assert len(sources) > 50
+    offenders = [str(p.relative_to(ROOT)) for p in sources if top_level.search(p.read_text())]
+    assert offenders == []

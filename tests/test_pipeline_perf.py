@@ -269,7 +269,7 @@ def _pipeline(capture: str, **overrides):
     from pixfound.eval.config import EvalConfig
 
     values = dict(model="tiny-llava", capture=capture, selects=("oracle", "similarity"), protocols=(1, 3),
-                  device="cpu", dtype="float32", max_new_tokens=8, kernel_backend="torch", progress=False,
+                  device="cpu", dtype="float32", max_new_tokens=8, kernel_backend="reference", progress=False,
                   batch_size=4, sam_batch_size=4)
     values.update(overrides)
     return build_pipeline(EvalConfig(**values))

@@ -71,7 +71,7 @@ KNOWN_MAP_CASES = [
 
 @pytest.mark.parametrize("image_size", [(90, 150), (150, 90)])
 @pytest.mark.parametrize("fit, grid, cell", KNOWN_MAP_CASES)
-@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_single_hot_cell_points_into_its_region(fit, grid, cell, image_size, backend):
     geometry = ImageGeometry(grid_h=grid[0], grid_w=grid[1], image_h=image_size[0], image_w=image_size[1], fit=fit)
     maps = torch.zeros((1,) + grid)
@@ -96,7 +96,7 @@ def test_points_match_the_spelled_out_recipe(fit, image_size, rank):
     geometry = ImageGeometry(grid_h=grid[0], grid_w=grid[1], image_h=image_size[0], image_w=image_size[1], fit=fit)
     rank = min(rank, image_size[0] * image_size[1])
     maps = torch.randn((4,) + grid, generator=generator)
-    got = phrase_points(maps, geometry, point_rank=rank, backend="torch")
+    got = phrase_points(maps, geometry, point_rank=rank, backend="reference")
     assert got.shape == (4, 1, 2) and got.dtype == torch.int64
     assert torch.equal(got, _reference_points(maps, geometry, rank))
 
@@ -108,7 +108,7 @@ def test_fused_backend_matches_torch_backend():
         maps = torch.randn((3,) + grid, generator=generator)
         for rank in (1, 2):
             fused = phrase_points(maps, geometry, point_rank=rank, backend="auto")
-            assert torch.equal(fused, phrase_points(maps, geometry, point_rank=rank, backend="torch"))
+            assert torch.equal(fused, phrase_points(maps, geometry, point_rank=rank, backend="reference"))
 
 
 def test_point_rank_walks_down_the_ranking():
@@ -117,7 +117,7 @@ def test_point_rank_walks_down_the_ranking():
     upsampled, _, _ = _reference_upsampled(maps, geometry)
     values = []
     for rank in (1, 2, 3):
-        point = phrase_points(maps, geometry, point_rank=rank, backend="torch")
+        point = phrase_points(maps, geometry, point_rank=rank, backend="reference")
         values.append(upsampled[torch.arange(2), point[:, 0, 1], point[:, 0, 0]])
     assert torch.all(values[0] >= values[1]) and torch.all(values[1] >= values[2])
 
@@ -127,13 +127,13 @@ def test_several_points_are_distinct_local_maxima():
     maps = torch.zeros(2, 8, 8)
     maps[0, 3, 1], maps[0, 4, 6] = 1.0, 0.6   # two blobs, the left one stronger
     maps[1, 4, 4] = 1.0
-    points = phrase_points(maps, geometry, num_points=3, backend="torch")
+    points = phrase_points(maps, geometry, num_points=3, backend="reference")
     assert points.shape == (2, 3, 2)
     first, second = points[0, 0].tolist(), points[0, 1].tolist()
     for (x, y), cell in ((first, (3, 1)), (second, (4, 6))):
         centre_x, centre_y = _cell_centre(geometry, *cell)
         assert abs(x + 0.5 - centre_x) <= 1.0 and abs(y + 0.5 - centre_y) <= 1.0
-    assert points[1, 0].tolist() == phrase_points(maps[1:], geometry, backend="torch")[0, 0].tolist()
+    assert points[1, 0].tolist() == phrase_points(maps[1:], geometry, backend="reference")[0, 0].tolist()
     distance = default_min_distance(geometry)
     for row in points:
         found = [p for p in row.tolist() if p != [-1, -1]]
@@ -144,7 +144,7 @@ def test_several_points_are_distinct_local_maxima():
 
 def test_flat_map_still_gives_one_point():
     geometry = ImageGeometry(grid_h=3, grid_w=3, image_h=12, image_w=12, fit="resize")
-    points = phrase_points(torch.zeros(1, 3, 3), geometry, num_points=2, backend="torch")
+    points = phrase_points(torch.zeros(1, 3, 3), geometry, num_points=2, backend="reference")
     # a flat map has no strict local maximum: its argmax (first pixel) stands in, the rest is missing
     assert points[0].tolist() == [[0, 0], [-1, -1]]
 
@@ -153,7 +153,7 @@ def test_crop_points_are_shifted_by_the_crop_offset():
     geometry = ImageGeometry(grid_h=4, grid_w=4, image_h=40, image_w=100, fit="crop")
     maps = torch.zeros(1, 4, 4)
     maps[0, 0, 0] = 1.0
-    x, y = phrase_points(maps, geometry, backend="torch")[0, 0].tolist()
+    x, y = phrase_points(maps, geometry, backend="reference")[0, 0].tolist()
     assert 30 <= x < 40 and 0 <= y < 10  # the covered square starts at x = (100 - 40) // 2
 
 
@@ -186,7 +186,7 @@ def test_bad_arguments_are_rejected(kwargs, maps_shape, message):
 def test_upsampled_maps_in_the_image_frame(fit):
     geometry = ImageGeometry(grid_h=5, grid_w=5, image_h=24, image_w=40, fit=fit)
     maps = torch.randn(2, 5, 5, generator=torch.Generator().manual_seed(2))
-    out = upsample_phrase_maps(maps, geometry, backend="torch")
+    out = upsample_phrase_maps(maps, geometry, backend="reference")
     assert out.shape == (2, 24, 40) and out.dtype == torch.float32
     expected, x_offset, y_offset = _reference_upsampled(maps, geometry)
     window = out[:, y_offset:y_offset + expected.shape[1], x_offset:x_offset + expected.shape[2]]

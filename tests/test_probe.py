@@ -9,7 +9,13 @@ import torch
 from pixfound.attention import probe
 from pixfound.data.sample import Sample
 from pixfound.models import ImageGeometry, ImageTokenLayout, tiny_model
+from pixfound.triton_kernels import interpreting, triton_available
 from random_samples import random_image_sample
+
+# Triton's kernels run in its interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1
+# without CUDA); the tiny models here are on the CPU.
+TRITON = pytest.param("triton", marks=pytest.mark.skipif(
+    not (triton_available() and interpreting()), reason="Triton runs CPU tensors only under TRITON_INTERPRET=1"))
 
 MAP_TOL = 1e-5  # fp32 maps, fused vs reference and alone vs in a batch
 
@@ -61,9 +67,6 @@ def _assert_same(first, second, tol: float = MAP_TOL) -> None:
     assert (first.stop_map is None) == (second.stop_map is None)
     if first.stop_map is not None:
         assert (first.stop_map - second.stop_map).abs().max().item() <= tol
-    assert first.extra_maps.keys() == second.extra_maps.keys()
-    for name in first.extra_maps:
-        assert (first.extra_maps[name][0] - second.extra_maps[name][0]).abs().max().item() <= tol
 
 
 # ------------------------------------------------------------------------------------------------
@@ -84,9 +87,9 @@ def test_fused_matches_reference_batched(family_run):
         _assert_same(ref, fus)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "torch"])
-def test_fused_host_backends_match_reference(family_run, backend):
-    """The C++ host path and the torch reference inside the probe give the published maps too."""
+@pytest.mark.parametrize("backend", ["cpp", "reference", TRITON])
+def test_fused_backends_match_reference(family_run, backend):
+    """The C++ core, the Triton kernels and the torch reference inside the probe give the published maps."""
     adapter, samples, reference = family_run
     fused = adapter.generate(samples, PROMPTS, max_new_tokens=NEW_TOKENS, capture="fused", batch_size=3,
                              backend=backend)
@@ -110,7 +113,7 @@ def test_a_static_cache_gives_the_reference_maps(llava_run, monkeypatch):
     _assert_same(reference[1], alone[0])
 
 
-@pytest.mark.parametrize("backend", ["cpp", "auto"])
+@pytest.mark.parametrize("backend", ["cpp", TRITON])
 def test_a_window_of_steps_gives_the_bits_of_one_call_per_step(llava_run, monkeypatch, backend):
     """The deferred capture computes several steps per call (one query row each): the per-step result
     (bits on the C++ path)."""
@@ -129,7 +132,7 @@ def test_a_window_of_steps_gives_the_bits_of_one_call_per_step(llava_run, monkey
         _assert_same(ref, many)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "auto"])
+@pytest.mark.parametrize("backend", ["cpp", TRITON])
 def test_a_step_that_skipped_a_layer_is_reported_not_averaged(backend):
     """Steps of one window that ran different numbers of layers are computed apart, then refused."""
     adapter = tiny_model("llava")
@@ -141,12 +144,12 @@ def test_a_step_that_skipped_a_layer_is_reported_not_averaged(backend):
     capture = probe.ImageAttentionCapture(adapter.model, image_start=[1], image_len=[4], backend=backend)
     with pytest.raises(RuntimeError, match="generation step 1 ran the fused attention in 2 layers"):
         with capture:
-            for step, (q_len, kv_len, layers) in enumerate([(6, 6, 3), (1, 7, 2), (1, 8, 3)]):
-                capture._on_step(adapter.model, ())
-                for _ in range(layers):
+            for q_len, kv_len, layers in [(6, 6, 3), (1, 7, 2), (1, 8, 3)]:
+                for layer in range(layers):
                     query = torch.randn(1, heads, q_len, dim, generator=generator)
-                    capture._add_layer(query, buffer[:, :, :kv_len], None, dim**-0.5)
-    assert len(capture._steps) == 3  # every step was computed, each on its own
+                    capture.record_layer(layer, query, buffer[:, :, :kv_len], None, dim**-0.5)
+    assert capture.sink.layer_counts == [3, 2, 3]
+    assert len(capture.sink.step_sums()) == 3  # every step was computed, each on its own
     _assert_clean(adapter)
 
 
@@ -207,7 +210,7 @@ def test_last_row_option_matches_reference():
     samples = [make_sample(i, size) for i, size in enumerate(IMAGE_SIZES["qwen2_vl"])]
     kwargs = dict(max_new_tokens=3, batch_size=3, first_token_row="last")
     reference = adapter.generate(samples, PROMPTS, capture="reference", **kwargs)
-    fused = adapter.generate(samples, PROMPTS, capture="fused", backend="torch", **kwargs)
+    fused = adapter.generate(samples, PROMPTS, capture="fused", backend="reference", **kwargs)
     published = adapter.generate(samples, PROMPTS, capture="fused", max_new_tokens=3, batch_size=3)
     for ref, fus, pub in zip(reference, fused, published):
         _assert_same(ref, fus)
@@ -240,7 +243,7 @@ def test_maps_end_before_eos():
 # the probe leaves nothing behind; bad input
 # ------------------------------------------------------------------------------------------------
 def _assert_clean(adapter) -> None:
-    assert probe._active_capture is None
+    assert not any(hasattr(layer.self_attn, probe.CAPTURE_ATTRIBUTE) for layer in adapter.decoder.layers)
     assert adapter.model.config.get_text_config()._attn_implementation == "sdpa"
     assert adapter.model.config._attn_implementation == "sdpa"
     assert not adapter.decoder._forward_pre_hooks
@@ -429,24 +432,20 @@ def test_token_maps_cuts_at_stop_ids_and_maps_cells():
     geometry = ImageGeometry(2, 3, 20, 30, "resize")
     permuted = torch.tensor([6, 5, 4, 3, 2, 1])
     layouts = [
-        ImageTokenLayout(
-            0, 7, torch.arange(6), geometry, extra={"base": (torch.tensor([0]), ImageGeometry(1, 1, 20, 30, "resize"))}
-        ),
+        ImageTokenLayout(0, 7, torch.arange(6), geometry),
         ImageTokenLayout(0, 7, permuted, geometry),
     ]
-    generated = torch.tensor([[5, 6, 9, 9], [5, 6, 7, 8]])
-    result = probe.token_maps(steps, layouts, generated, stop_ids={9})
-    maps0, stop0, extra0 = result[0]
-    maps1, stop1, extra1 = result[1]
+    result = probe.token_maps(steps, layouts, [2, 4])  # sample 0 stopped after 2 tokens, sample 1 ran on
+    maps0, stop0 = result[0]
+    maps1, stop1 = result[1]
     assert maps0.shape == (2, 2, 3) and maps1.shape == (4, 2, 3)
     torch.testing.assert_close(maps0.flatten(1), steps[0, :2, :6], rtol=0, atol=0)
     torch.testing.assert_close(maps1.flatten(1), steps[1][:, permuted], rtol=0, atol=0)
     # The step that emitted the first stop id keeps its map apart; a row without a stop id has none.
     torch.testing.assert_close(stop0.flatten(), steps[0, 2, :6], rtol=0, atol=0)
     assert stop1 is None
-    assert extra0["base"][0].shape == (2, 1, 1) and extra1 == {}
-    with pytest.raises(ValueError, match="one map per generated token"):
-        probe.token_maps(steps, layouts, generated[:, :3], stop_ids={9})
+    with pytest.raises(ValueError, match="one map per token"):
+        probe.token_maps(steps, layouts, [5, 4])
 
 
 def test_fused_capture_reports_its_in_layer_time():
@@ -457,3 +456,42 @@ def test_fused_capture_reports_its_in_layer_time():
     (generation,) = adapter.generate(samples, PROMPTS[:1], max_new_tokens=3, capture="fused")
     # The in-layer kernel time is now part of capture_s, and it cannot exceed the whole generate.
     assert 0.0 < generation.timings["capture_s"] <= generation.timings["generate_s"]
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile traces through the capture
+# ------------------------------------------------------------------------------------------------
+def test_decoder_layers_with_the_capture_compile_into_one_graph_each_and_give_the_eager_maps():
+    """torch.compile(fullgraph=True) over each decoder layer with the capture attached, on the CPU: no graph
+    break (fullgraph raises on one), the capture op traced through its fake kernel into every layer's
+    graph, and the maps and logits of eager mode."""
+    adapter = tiny_model("llava")
+    samples = [make_sample(i, size) for i, size in enumerate(IMAGE_SIZES["llava"])]
+    batch = adapter.prepare([s.load_image() for s in samples], PROMPTS)
+    spans = dict(image_start=[l.span_start for l in batch.layouts], image_len=[l.span_len for l in batch.layouts])
+    graphs = []
+
+    def record_graph(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return torch._dynamo.lookup_backend("aot_eager")(graph_module, example_inputs)
+
+    def forward(layers_compiled: bool):
+        with torch.no_grad(), probe.ImageAttentionCapture(adapter.model, **spans, decoder=adapter.decoder) as capture:
+            logits = adapter.model(**batch.inputs).logits
+        return logits, capture.step_maps()
+
+    eager_logits, eager_maps = forward(False)
+    torch._dynamo.reset()
+    try:
+        for layer in adapter.decoder.layers:
+            layer.compile(backend=record_graph, fullgraph=True)
+        compiled_logits, compiled_maps = forward(True)
+    finally:
+        for layer in adapter.decoder.layers:
+            layer._compiled_call_impl = None
+        torch._dynamo.reset()
+    assert len(graphs) >= 1
+    assert all("pixfound.image_attention" in str(graph.graph) for graph in graphs)
+    torch.testing.assert_close(compiled_maps, eager_maps, atol=1e-6, rtol=0)
+    torch.testing.assert_close(compiled_logits, eager_logits, atol=1e-5, rtol=0)
+    _assert_clean(adapter)

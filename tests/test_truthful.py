@@ -26,16 +26,7 @@ from pixfound.eval.records import read_jsonl
 from stand_in_data import build_cvbench_root, build_pixmmvp_root
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FAST = ["--kernel-backend", "torch", "--device", "cpu", "--max-new-tokens", "6"]
-
-
-@pytest.fixture(autouse=True)
-def _torch_kernels(monkeypatch):
-    """The torch backends on the CPU: same maths, faster than Triton's interpreter."""
-    import pixfound._kernels.image_attention  # noqa: F401  (decorated under the interpreter first)
-    import pixfound._kernels.upsample_peak  # noqa: F401
-
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+FAST = ["--kernel-backend", "cpp", "--device", "cpu", "--max-new-tokens", "6"]
 
 
 def run(args, capsys):
@@ -228,18 +219,20 @@ def test_resume_refuses_another_limit_unless_extended(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("args, message", [
     (["--device", "cuda"], "no CUDA device"),
-    (["--kernel-backend", "triton"], "--kernel-backend triton needs a CUDA device"),
+    (["--kernel-backend", "triton"], "kernel backend 'triton' runs on CUDA tensors"),
     (["--vqa-template", "11"], "--vqa-template must be a layout number from 1 to 10"),
     (["--grounding-template", "Find the thing."], "one '{}'"),
     (["--judge", "openai:gpt-4o", "--judge-base-url", "ftp://x"], "http(s) URL"),
 ])
-def test_mistakes_are_one_line_and_leave_no_folder(args, message, tmp_path, capsys):
+def test_mistakes_are_one_line_and_leave_no_folder(args, message, tmp_path, capsys, monkeypatch):
     import torch
 
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     out_dir = tmp_path / "run"
     machine = [] if {"--device", "--kernel-backend"} & set(args) else FAST
+    if "triton" in args:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' interpreter would make it valid
     code, _, err = run(["eval", *args, *machine, "--limit", "2", "--output", out_dir], capsys)
     one_line_error(err, code)
     assert message in err
@@ -364,7 +357,7 @@ def test_a_failing_judge_falls_back_and_the_run_goes_on(tmp_path, failure):
             return pipeline
 
         config = EvalConfig(limit=4, protocols=(1, 3), selects=("oracle", "judge"), judge="openai:m",
-                            kernel_backend="torch", device="cpu", max_new_tokens=6, output=str(tmp_path / "run"),
+                            kernel_backend="cpp", device="cpu", max_new_tokens=6, output=str(tmp_path / "run"),
                             progress=False)
         summary = run_evaluation(config, pipeline_factory=factory)
     finally:

@@ -14,23 +14,28 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pixfound._kernels import upsample_peak as upsample_peak_module
-from pixfound._kernels._backend import use_triton
-from pixfound._kernels.upsample_peak import (
+from pixfound.ops.upsample import (
     MAX_TRITON_K,
     _check_args,
     _geometry,
-    _upsample_peaks_triton,
     upsample_peaks,
     upsample_peaks_reference,
     upsample_reference,
 )
+from pixfound.triton_kernels import interpreting, triton_available
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_HERE = triton_available() and (DEVICE == "cuda" or interpreting())
 needs_triton = pytest.mark.skipif(
-    not use_triton(torch.empty(0, device=DEVICE)),
-    reason="Triton needs CUDA, or TRITON_INTERPRET=1 set before import (tests/conftest.py)",
+    not TRITON_HERE, reason="Triton needs CUDA, or TRITON_INTERPRET=1 set before import (tests/conftest.py)"
 )
+
+
+def upsample_peaks_triton(*args, **kwargs):
+    """The Triton launcher itself (imported when used: it needs an importable triton)."""
+    from pixfound.triton_kernels.upsample_peak import upsample_peaks_triton as launch
+
+    return launch(*args, **kwargs)
 
 # Upsampled values of the two implementations differ by float rounding only (torch's CPU
 # kernel contracts to FMA depending on the instruction set): a few ulp of |value|.
@@ -172,7 +177,7 @@ def test_fused_small_tiles_merge_across_many_tiles(k):
     # 8 x 16 tiles on a 45 x 61 output: 6 x 4 tiles with ragged edges, k up to the limit.
     maps = torch.randn(2, 16, 23, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     maps32, geo = _check_args(maps, (45, 61), "pad", k)
-    peaks, up = _upsample_peaks_triton(maps32, geo, k, True, block_h=8, block_w=16)
+    peaks, up = upsample_peaks_triton(maps32, geo, k, True, block_h=8, block_w=16)
     ref_peaks, ref_up = upsample_peaks_reference(maps, (45, 61), aspect="pad", k=k, return_maps=True)
     torch.testing.assert_close(up, ref_up, atol=MAPS_ATOL, rtol=MAPS_RTOL)
     assert_peaks_match(peaks, ref_peaks, ref_up)
@@ -203,7 +208,7 @@ HOT_CELLS = [(10, 18), (3, 17), (10, 4), (20, 9)]
 
 
 @pytest.mark.parametrize(("size", "aspect"), [((48, 48), "original"), ((48, 40), "pad"), ((44, 48), "pad")])
-@pytest.mark.parametrize("backend", ["torch", "cpp", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", ["reference", "cpp", pytest.param("triton", marks=needs_triton)])
 def test_exact_ties_resolve_to_lowest_flat_index(size, aspect, backend):
     maps = torch.zeros(2, 24, 24)
     for r, c in HOT_CELLS:
@@ -214,9 +219,9 @@ def test_exact_ties_resolve_to_lowest_flat_index(size, aspect, backend):
     if backend == "triton":
         # Small tiles so that the tied pixels sit in different programs.
         maps32, geo = _check_args(maps, size, aspect, k)
-        peaks = _upsample_peaks_triton(maps32, geo, k, False, block_h=8, block_w=16)
+        peaks, _ = upsample_peaks_triton(maps32, geo, k, False, block_h=8, block_w=16)
     else:
-        peaks = upsample_peaks(maps, size, aspect=aspect, k=k, backend="torch")
+        peaks = upsample_peaks(maps, size, aspect=aspect, k=k, backend="reference")
     all_tied = _hot_cell_tie_pixels(HOT_CELLS, size, aspect)
     assert peaks[0].tolist() == [list(p) for p in all_tied[:k]]
     one_cell = _hot_cell_tie_pixels([HOT_CELLS[2]], size, aspect)
@@ -229,13 +234,13 @@ def test_fused_constant_zero_maps_tie_everywhere(k):
     maps = torch.zeros(2, 16, 23, device=DEVICE)
     for block in [(None, None), (8, 16)]:
         maps32, geo = _check_args(maps, (37, 29), "pad", k)
-        peaks = _upsample_peaks_triton(maps32, geo, k, False, block_h=block[0], block_w=block[1])
+        peaks, _ = upsample_peaks_triton(maps32, geo, k, False, block_h=block[0], block_w=block[1])
         assert peaks.tolist() == [[[i, 0] for i in range(k)]] * 2
 
 
 @pytest.mark.parametrize("aspect", ["pad", "original"])
 @pytest.mark.parametrize("cell", [(12, 5), (4, 20), (19, 11)])
-@pytest.mark.parametrize("backend", ["torch", "cpp", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", ["reference", "cpp", pytest.param("triton", marks=needs_triton)])
 def test_single_hot_cell_peak_lies_in_that_cells_pixels(aspect, cell, backend):
     height, width = 480, 640
     maps = torch.zeros(1, 24, 24)
@@ -259,7 +264,7 @@ def test_hot_cell_pad_mode_known_location_480x640():
     # i.e. (x, y) = (146.17, 252.83) in the image; the sampled peak is the nearest pixel.
     maps = torch.zeros(1, 24, 24)
     maps[0, 12, 5] = 1.0
-    for backend in ["torch"] + (["triton"] if use_triton(maps.to(DEVICE)) else []):
+    for backend in ["reference", "cpp" if DEVICE == "cpu" else "auto"] + (["triton"] if TRITON_HERE else []):
         peaks = upsample_peaks(maps.to(DEVICE), (480, 640), aspect="pad", backend=backend)
         assert peaks[0, 0].tolist() == [146, 253]
 
@@ -294,7 +299,7 @@ def test_fused_path_allocates_no_full_size_map():
     with _RecordAllocations() as fused:
         upsample_peaks(maps, size, k=2, backend="triton")
     with _RecordAllocations() as reference:
-        upsample_peaks(maps, size, k=2, backend="torch")
+        upsample_peaks(maps, size, k=2, backend="reference")
     one_map = size[0] * size[1]
     assert max(reference.numels) >= 4 * one_map  # the reference does build [G, H, W]
     assert max(fused.numels) < one_map  # the fused path never holds even one H x W map
@@ -322,16 +327,17 @@ def test_cpp_matches_reference_on_random_maps(grid, size, aspect, k, n_maps):
                                upsample_peaks(half.float(), size, aspect=aspect, k=k, backend="cpp"), atol=0, rtol=0)
 
 
-def test_cpp_with_return_maps_gives_the_reference_and_auto_picks_it_without_triton(monkeypatch):
+def test_cpp_with_return_maps_gives_the_reference_and_auto_runs_the_core_on_cpu(monkeypatch):
+    from pixfound import _C
+
     maps = torch.randn(3, 16, 23, generator=torch.Generator().manual_seed(11))
     got = upsample_peaks(maps, (50, 70), aspect="original", k=2, return_maps=True, backend="cpp")
     ref = upsample_peaks_reference(maps, (50, 70), aspect="original", k=2, return_maps=True)
     torch.testing.assert_close(got, ref, atol=0, rtol=0)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # CPU tensors then cannot run Triton
     calls = []
-    original = upsample_peak_module._upsample_peaks_cpp
-    monkeypatch.setattr(upsample_peak_module, "_upsample_peaks_cpp", lambda *a: calls.append(1) or original(*a))
-    assert_peaks_match(upsample_peaks(maps, (50, 70), k=2, backend="auto"),
+    original = _C.upsample_topk
+    monkeypatch.setattr(_C, "upsample_topk", lambda *a: calls.append(1) or original(*a))
+    assert_peaks_match(upsample_peaks(maps, (50, 70), k=2, backend="auto"),  # also under TRITON_INTERPRET=1
                        *upsample_peaks_reference(maps, (50, 70), k=2, return_maps=True))
     assert calls == [1]
 
@@ -359,27 +365,30 @@ def test_cpp_core_rejects_bad_windows_and_arrays():
 
 def test_torch_backend_is_the_reference():
     maps = torch.randn(3, 16, 23, generator=torch.Generator().manual_seed(7))
-    got = upsample_peaks(maps, (50, 70), aspect="original", k=2, return_maps=True, backend="torch")
+    got = upsample_peaks(maps, (50, 70), aspect="original", k=2, return_maps=True, backend="reference")
     ref = upsample_peaks_reference(maps, (50, 70), aspect="original", k=2, return_maps=True)
     torch.testing.assert_close(got, ref, atol=0, rtol=0)
 
 
-def test_cpu_kernels_decorated_without_interpreter_fall_back_or_refuse(monkeypatch):
+def test_cpu_kernels_decorated_without_interpreter_refuse_cpu_tensors(monkeypatch):
     # TRITON_INTERPRET set only after import: the kernels were compiled for the GPU.
-    monkeypatch.setattr(upsample_peak_module, "_DECORATED_FOR_INTERPRETER", False)
+    import pixfound.triton_kernels.upsample_peak as triton_module
+
+    monkeypatch.setattr(triton_module, "DECORATED_FOR_INTERPRETER", False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     maps = torch.randn(2, 16, 23, generator=torch.Generator().manual_seed(9))
     got = upsample_peaks(maps, (30, 40), k=2, backend="auto")
     torch.testing.assert_close(got, upsample_peaks_reference(maps, (30, 40), k=2), atol=0, rtol=0)
-    if upsample_peak_module.triton_available():
+    if triton_available():
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
             upsample_peaks(maps, (30, 40), k=2, backend="triton")
 
 
-def test_k_above_triton_limit_uses_the_reference():
+@pytest.mark.parametrize("backend", ["auto", pytest.param("triton", marks=needs_triton)])
+def test_k_above_triton_limit_uses_the_reference(backend):
     maps = torch.randn(2, 24, 24, generator=torch.Generator().manual_seed(8)).to(DEVICE)
     k = MAX_TRITON_K + 1
-    got = upsample_peaks(maps, (40, 30), k=k, backend="auto")
+    got = upsample_peaks(maps, (40, 30), k=k, backend=backend)
     torch.testing.assert_close(got, upsample_peaks_reference(maps, (40, 30), k=k), atol=0, rtol=0)
 
 
@@ -432,7 +441,7 @@ def test_upsample_reference_validates_too():
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN/inf maps in the interpreter
-@pytest.mark.parametrize("backend", ["auto", "cpp", "torch"])
+@pytest.mark.parametrize("backend", ["auto", "cpp", "reference", pytest.param("triton", marks=needs_triton)])
 def test_nan_outside_the_cropped_window_still_raises(backend):
     """The Triton path checks the input maps inside its merge pass; a NaN whose taps never reach the
     cropped image (top rows, wide image in pad mode) must raise all the same, as on the other paths."""
@@ -453,5 +462,5 @@ def test_finite_check_of_the_triton_path_flags_only_bad_maps():
         if bad_value is not None:
             maps[2, 23, 23] = bad_value
         flag = torch.zeros(1, dtype=torch.int32, device=device)
-        _upsample_peaks_triton(maps, _geometry((30, 20), "pad"), 1, False, nonfinite=flag)
+        upsample_peaks_triton(maps, _geometry((30, 20), "pad"), 1, False, nonfinite=flag)
         assert int(flag.item()) == expected

@@ -31,6 +31,6 @@ status=0
 python -m pytest -q -p no:cacheprovider || status=$?
 # The table for the record; tests/test_kernel_compile.py above judges it (Triton 3.6 spills 16
 # bytes in the tiny model's fp32 row block, which it tolerates, so this exit code is not used).
-python -m pixfound._kernels.compile_check --arch 90 || true
+python tools/compile_check.py --arch 90 || true
 echo "device stack check: pytest exit $status"
 exit "$status"

@@ -71,7 +71,7 @@ def kernel_micro(device: str, batches: tuple[int, ...], heads: int, head_dim: in
     import torch
     import torch.nn.functional as F
 
-    from pixfound._kernels.image_attention import image_attention
+    from pixfound.ops.attention import image_attention
 
     dtype = torch.float16 if device == "cuda" else torch.float32
     rows = []
@@ -80,10 +80,9 @@ def kernel_micro(device: str, batches: tuple[int, ...], heads: int, head_dim: in
         q = torch.randn(batch, heads, 1, head_dim, generator=gen).to(device, dtype)
         k = torch.randn(batch, heads, keys, head_dim, generator=gen).to(device, dtype)
         v = torch.randn(batch, heads, keys, head_dim, generator=gen).to(device, dtype)
-        args = dict(decode_spans(batch, keys, image, device), scale=head_dim ** -0.5, validate=False,
-                    num_image_keys=image)
+        args = dict(decode_spans(batch, keys, image, device), validate=False, num_image_keys=image)
         variants: dict[str, Callable[[], Any]] = {
-            "image_attention (triton)": lambda: image_attention(q, k, backend="triton", **args),
+            "image_attention (triton)": lambda: image_attention([q], [k], [head_dim ** -0.5], backend="triton", **args),
             "sdpa, same shapes": lambda: F.scaled_dot_product_attention(q, k, v),
         }
         for name, fn in variants.items():
@@ -97,12 +96,12 @@ def layered_micro(device: str, batches: tuple[int, ...], layers: int, heads: int
                   image: int, calls: int) -> list[dict]:
     """A decode step's capture for ``layers`` layers: one layered launch vs one launch per layer.
 
-    The probe's GPU path is the layered one (``image_attention_layers_triton_into``); "per layer" is
-    what it did before (one ``image_attention`` call and a sum per layer).
+    The probe's GPU path is the layered one (one ``image_attention`` call for every layer); "per layer"
+    is what it did before (one call and a sum per layer).
     """
     import torch
 
-    from pixfound._kernels.image_attention import image_attention, image_attention_layers_triton_into
+    from pixfound.ops.attention import image_attention
 
     dtype = torch.float16 if device == "cuda" else torch.float32
     rows = []
@@ -114,13 +113,13 @@ def layered_micro(device: str, batches: tuple[int, ...], layers: int, heads: int
         scale = head_dim ** -0.5
 
         def layered() -> Any:
-            out = torch.zeros(batch, 1, image, device=device)
-            return image_attention_layers_triton_into(out, qs, ks, [scale] * layers, **spans)
+            return image_attention(qs, ks, [scale] * layers, backend="triton", validate=False, num_image_keys=image,
+                                   **spans)
 
         def per_layer() -> Any:
             out = torch.zeros(batch, 1, image, device=device)
             for q, k in zip(qs, ks):
-                out += image_attention(q, k, backend="triton", scale=scale, validate=False, num_image_keys=image,
+                out += image_attention([q], [k], [scale], backend="triton", validate=False, num_image_keys=image,
                                        **spans)
             return out
 
@@ -139,7 +138,7 @@ def window_micro(device: str, batches: tuple[int, ...], layers: int, heads: int,
     probe's window) against one layered launch per step (what a window of one step runs)."""
     import torch
 
-    from pixfound._kernels.image_attention import image_attention_layers_triton_into
+    from pixfound.ops.attention import image_attention
 
     dtype = torch.float16 if device == "cuda" else torch.float32
     rows = []
@@ -153,16 +152,16 @@ def window_micro(device: str, batches: tuple[int, ...], layers: int, heads: int,
         scale = head_dim ** -0.5
 
         def window() -> Any:
-            out = torch.zeros(batch, steps, image, device=device)
-            return image_attention_layers_triton_into(out, qs, ks, [scale] * layers, **spans)
+            return image_attention(qs, ks, [scale] * layers, backend="triton", validate=False, num_image_keys=image,
+                                   **spans)
 
         def step_by_step() -> Any:
             out = torch.zeros(batch, steps, image, device=device)
             for step in range(steps):
                 one = dict(spans, key_end=spans["key_end"][:, step : step + 1])
-                out[:, step : step + 1] = image_attention_layers_triton_into(
-                    torch.zeros(batch, 1, image, device=device), [q[:, :, step : step + 1] for q in qs], ks,
-                    [scale] * layers, **one)
+                out[:, step : step + 1] = image_attention([q[:, :, step : step + 1] for q in qs], ks, [scale] * layers,
+                                                          backend="triton", validate=False, num_image_keys=image,
+                                                          **one)
             return out
 
         gap = float((window() - step_by_step()).abs().max())
@@ -185,13 +184,14 @@ def patched(target: Any, name: str, value: Any) -> Iterator[None]:
         setattr(target, name, original)
 
 
-def _bookkeeping_only(self: Any, query: Any, key: Any, attention_mask: Any, scaling: float) -> None:
-    """The probe's per-layer entry with the kernel and the sums left out (hooks + wrapper cost)."""
+def _bookkeeping_only(self: Any, backend: str) -> Any:
+    """The capture's op replaced by zeros: what is left is its bookkeeping (attention function, ranges, window)."""
     import torch
 
-    if self._step_sum is None:
-        self._step_sum = torch.zeros(self.batch_size, 1, self.num_image_keys, device=query.device)
-    self._step_layers += 1
+    def compute(queries: Any, keys: Any, scales: Any, *ranges: Any) -> Any:
+        return torch.zeros(queries[0].shape[0], queries[0].shape[2], self.num_image_keys, device=queries[0].device)
+
+    return compute
 
 
 class _NoTimer:
@@ -217,13 +217,13 @@ def generate_variants(adapter: Any, device: str, batches: tuple[int, ...], new_t
 
         def reset(self: Any) -> None:
             original(self)
-            self._timer = _NoTimer()
+            self.sink.timer = _NoTimer()
 
         with patched(probe.ImageAttentionCapture, "_reset", reset):
             return run_generate(adapter, "fused", batch, new_tokens, adapter_image_size(adapter))
 
     def fused_bookkeeping(batch: int) -> Any:
-        with patched(probe.ImageAttentionCapture, "_add_layer", _bookkeeping_only):
+        with patched(probe.ImageAttentionCapture, "_op", _bookkeeping_only):
             return run_generate(adapter, "fused", batch, new_tokens, adapter_image_size(adapter))
 
     variants: dict[str, Callable[[int], Any]] = {

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 from pixfound.attention.probe import (
+    FIRST_TOKEN_ROWS,
     FUSED_ATTENTION,
     ImageAttentionCapture,
+    KeyRanges,
+    KeyRangeTracker,
+    StepMapSink,
     fused_attention_forward,
     reference_step_maps,
     register_fused_attention,
@@ -12,8 +16,12 @@ from pixfound.attention.probe import (
 )
 
 __all__ = [
+    "FIRST_TOKEN_ROWS",
     "FUSED_ATTENTION",
     "ImageAttentionCapture",
+    "KeyRangeTracker",
+    "KeyRanges",
+    "StepMapSink",
     "fused_attention_forward",
     "reference_step_maps",
     "register_fused_attention",

@@ -18,7 +18,8 @@ import dataclasses
 from typing import Any, Callable, Optional, Sequence, Union
 
 from pixfound.errors import UserError
-from pixfound.models.base import KV_CACHES
+from pixfound.models.kv_cache import KV_CACHES
+from pixfound.ops.backends import KERNEL_BACKEND_HELP, KERNEL_BACKENDS, resolve_kernel_backend
 
 __all__ = [
     "ANSWER_PROTOCOLS",
@@ -42,7 +43,6 @@ GROUNDING_PROTOCOLS = (1, 3)
 ANSWER_PROTOCOLS = (1, 2)
 PAPER_BENCHMARKS = ("pixmmvp", "pixcvbench")
 BENCHMARK_NAMES = ("synthetic", "pixmmvp", "pixcvbench")
-KERNEL_BACKENDS = ("auto", "triton", "cpp", "torch")
 
 # The published scripts' choices and pixfound's own, for every setting a recipe decides.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -338,10 +338,7 @@ class EvalConfig:
 
     # -- machinery (no effect on the records) -------------------------------------------------
     batch_size: int = setting(4, "samples per generate call", parse=positive_int, metavar="N")
-    kernel_backend: str = setting(
-        "auto", "backend of the fused capture kernel and of upsample + peak: auto (Triton for CUDA tensors "
-        "or under TRITON_INTERPRET=1, the C++ core for host tensors), triton, cpp or torch (the references)",
-        choices=KERNEL_BACKENDS, commands=_MODEL_AND_GROUNDING)
+    kernel_backend: str = setting("auto", KERNEL_BACKEND_HELP, choices=KERNEL_BACKENDS, commands=_MODEL_AND_GROUNDING)
     share_image_prefix: bool = setting(
         False, "prefill the system prompt and the image once per image and reuse that key/value cache for "
         "every protocol (LLaVA families): less prefill, answers equal up to float rounding", kind="switch")
@@ -532,14 +529,10 @@ class EvalConfig:
         return device, dtype
 
     def _check_backend(self) -> None:
-        """``--kernel-backend triton`` needs CUDA, or Triton's interpreter for host tensors."""
-        if self.kernel_backend != "triton" or self.device.startswith("cuda"):
-            return
-        import os
+        """The kernel backend must be able to run on the device (ops.backends decides, in one place)."""
+        import torch
 
-        if os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise UserError("--kernel-backend triton needs a CUDA device (or TRITON_INTERPRET=1 for Triton's "
-                            f"slow interpreter); on {self.device} use auto, cpp or torch")
+        resolve_kernel_backend(self.kernel_backend, torch.device(self.device))
 
     def recipe_overrides(self) -> dict[str, Any]:
         """The recipe-decided settings whose value differs from the recipe's (given explicitly)."""

@@ -86,8 +86,8 @@ def phrase_points(
       fewer. A flat map gives its argmax as the single point. Cannot be combined with
       ``point_rank > 1``.
 
-    ``backend`` goes to ``ops.upsample_peaks`` (``"auto"``: the fused Triton kernel where it runs,
-    else the C++ core for CPU maps).
+    ``backend`` goes to ``ops.upsample_peaks``: one of ``ops.KERNEL_BACKENDS`` (``"auto"``: the C++
+    core for CPU maps, the fused Triton kernel for CUDA maps).
     """
     maps = _check_maps(phrase_maps, geometry)
     if int(point_rank) != point_rank or point_rank < 1:

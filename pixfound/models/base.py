@@ -17,7 +17,7 @@ import abc
 import contextlib
 import dataclasses
 import time
-from typing import Any, Iterator, Literal, Optional, Sequence
+from typing import Any, Iterator, Literal, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -27,9 +27,9 @@ import torch
 #   resize: stretch/resize the whole image (native aspect) → upsample straight to H×W
 FitMode = Literal["pad", "crop", "resize"]
 CaptureMode = Literal["fused", "reference"]
+#: ``generate``'s ``capture`` choices: the fused capture, the published eager recipe, or no maps.
+CAPTURE_MODES = ("fused", "reference", None)
 FirstTokenRow = Literal["second_to_last", "last"]
-#: ``generate``'s ``kv_cache`` choices (see :mod:`pixfound.models.kv_cache`).
-KV_CACHES = ("preallocated", "dynamic")
 
 _FIT_MODES = ("pad", "crop", "resize")
 
@@ -88,8 +88,6 @@ class Generation:
     # The map of the step that emitted the stop token (EOS), float32 [grid_h, grid_w]; None when the
     # answer ran into max_new_tokens or without capture. The published recipe counts it in the mean map.
     stop_map: Optional[torch.Tensor] = None
-    # Further per-token maps on other grids, e.g. LLaVA-NeXT's base 24x24 view: name -> (maps [T, h, w], geometry).
-    extra_maps: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,14 +97,12 @@ class ImageTokenLayout:
     ``span_start``/``span_len`` delimit the contiguous run of positions that holds the image
     (for LLaVA-NeXT it also holds the row-newline tokens). ``grid_index[c]`` is the offset inside
     that span of the token for flat grid cell ``c`` (row-major over ``grid_h x grid_w``).
-    ``extra`` holds further grids over the same span (name -> (grid_index, geometry)).
     """
 
     span_start: int
     span_len: int
     grid_index: torch.Tensor      # int64 [grid_h * grid_w], offsets into the span
     geometry: ImageGeometry
-    extra: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         cells = self.geometry.grid_h * self.geometry.grid_w
@@ -217,6 +213,41 @@ def _cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if hasattr(cache, "key_cache"):
         return list(zip(cache.key_cache, cache.value_cache))
     return [(k, v) for k, v in cache]
+
+
+class _ChunkRun(NamedTuple):
+    """What one chunk's ``generate`` gave, before the results are assembled."""
+
+    sequences: torch.Tensor  # [B, prompt + steps]
+    step_maps: Optional[torch.Tensor]  # float32 [B, steps, N] on the CPU, None without capture
+    generated_at: Optional[float]  # perf_counter when generate returned (the maps were read after it)
+    capture_in_layers: float  # seconds the fused capture spent inside generate
+
+
+def _check_generate_arguments(samples: Sequence[Any], prompts: Sequence[str], *, max_new_tokens: int,
+                              capture: Optional[str], batch_size: int, first_token_row: str,
+                              prefixes: Optional[Sequence[Any]], sample_seeds: Optional[Sequence[int]],
+                              kv_cache: str) -> None:
+    """``generate``'s own arguments, checked before any image is loaded (the capture checks its backend)."""
+    from pixfound.attention.probe import FIRST_TOKEN_ROWS
+    from pixfound.models.kv_cache import KV_CACHES
+
+    if len(samples) != len(prompts):
+        raise ValueError(f"got {len(samples)} samples but {len(prompts)} prompts")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if capture not in CAPTURE_MODES:
+        raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {capture!r}")
+    if first_token_row not in FIRST_TOKEN_ROWS:
+        raise ValueError(f"first_token_row must be one of {FIRST_TOKEN_ROWS}, got {first_token_row!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if prefixes is not None and len(prefixes) != len(samples):
+        raise ValueError(f"got {len(prefixes)} image prefixes for {len(samples)} samples")
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
+    if sample_seeds is not None and len(sample_seeds) != len(samples):
+        raise ValueError(f"got {len(sample_seeds)} sample seeds for {len(samples)} samples")
 
 
 class VisionLanguageAdapter(abc.ABC):
@@ -456,16 +487,18 @@ class VisionLanguageAdapter(abc.ABC):
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
 
-    def _row_sampling_kwargs(self, max_new_tokens: int, seeds: Sequence[int], temperature: float,
-                             top_k: Optional[int], top_p: Optional[float]) -> dict:
-        """Greedy ``generate`` kwargs whose last logits processor samples each row from its own seed."""
-        from transformers import LogitsProcessorList
+    def _decoding_kwargs(self, max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: Optional[float],
+                         seeds: Optional[Sequence[int]]) -> dict:
+        """``generate`` kwargs: greedy, or (with per-row ``seeds``) greedy over a last logits processor that
+        samples each row from its own seed."""
+        kwargs = self._generation_kwargs(max_new_tokens, False, temperature, top_p)
+        if seeds is not None:
+            from transformers import LogitsProcessorList
 
-        from pixfound.models.sampling import RowSampler
+            from pixfound.models.sampling import RowSampler
 
-        kwargs = self._generation_kwargs(max_new_tokens, False, temperature, None)
-        sampler = RowSampler(seeds, temperature=temperature, top_k=top_k, top_p=top_p)
-        kwargs["logits_processor"] = LogitsProcessorList([sampler])
+            sampler = RowSampler(seeds, temperature=temperature, top_k=top_k, top_p=top_p)
+            kwargs["logits_processor"] = LogitsProcessorList([sampler])
         return kwargs
 
     @contextlib.contextmanager
@@ -502,8 +535,8 @@ class VisionLanguageAdapter(abc.ABC):
             samples: objects with ``.id`` and ``.load_image()`` (``pixfound.data.Sample``).
             prompts: the user texts, one per sample.
             max_new_tokens: generation budget per sample.
-            capture: ``"fused"`` (SDPA + image-attention kernel), ``"reference"`` (eager attention
-                with ``output_attentions``, the published recipe) or ``None`` (no maps).
+            capture: ``"fused"`` (SDPA + the capture op), ``"reference"`` (eager attention with
+                ``output_attentions``, the published recipe) or ``None`` (no maps).
             batch_size: samples per ``generate`` call (left padded).
             first_token_row: which prefill query row gives the first token's map:
                 ``"second_to_last"`` (published) or ``"last"``.
@@ -512,7 +545,8 @@ class VisionLanguageAdapter(abc.ABC):
                 answer does not depend on the batch it is in.
             seed: the run seed; without ``sample_seeds`` a sample's seed is ``row_seed(seed, id)``.
             sample_seeds: one sampling seed per sample (e.g. from the sample id and the protocol).
-            backend: image-attention kernel backend for ``capture="fused"`` ("auto"|"triton"|"torch").
+            backend: the capture op's kernels for ``capture="fused"``, one of
+                :data:`pixfound.ops.KERNEL_BACKENDS`.
             prefixes: optional, one :class:`ImagePrefix` per sample (:meth:`encode_image_prefixes`):
                 prefill only each prompt's own text after its image's cached prefix. A batch whose
                 prompts do not start with their prefix, or whose prefixes differ in length, is
@@ -525,122 +559,120 @@ class VisionLanguageAdapter(abc.ABC):
         Returns:
             One :class:`Generation` per sample, in input order.
         """
-        from pixfound.attention import probe
-        from pixfound.models.kv_cache import preallocated_cache
-
-        if len(samples) != len(prompts):
-            raise ValueError(f"got {len(samples)} samples but {len(prompts)} prompts")
-        if capture not in (None, "fused", "reference"):
-            raise ValueError(f"capture must be 'fused', 'reference' or None, got {capture!r}")
-        if first_token_row not in ("second_to_last", "last"):
-            raise ValueError(f"first_token_row must be 'second_to_last' or 'last', got {first_token_row!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if prefixes is not None and len(prefixes) != len(samples):
-            raise ValueError(f"got {len(prefixes)} image prefixes for {len(samples)} samples")
-        if kv_cache not in KV_CACHES:
-            raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
-        if sample_seeds is not None and len(sample_seeds) != len(samples):
-            raise ValueError(f"got {len(sample_seeds)} sample seeds for {len(samples)} samples")
+        _check_generate_arguments(samples, prompts, max_new_tokens=max_new_tokens, capture=capture,
+                                  batch_size=batch_size, first_token_row=first_token_row, prefixes=prefixes,
+                                  sample_seeds=sample_seeds, kv_cache=kv_cache)
         if do_sample and sample_seeds is None:
             from pixfound.models.sampling import row_seed
 
             sample_seeds = [row_seed(0 if seed is None else seed, s.id) for s in samples]
-        gen_kwargs = self._generation_kwargs(max_new_tokens, False, temperature, top_p)
-        stop_ids = self.stop_token_ids
-
         results: list[Generation] = []
         for begin in range(0, len(samples), batch_size):
-            chunk = list(samples[begin : begin + batch_size])
-            chunk_prompts = list(prompts[begin : begin + batch_size])
-            images = [s.load_image() for s in chunk]
-            batch = self.prepare(images, chunk_prompts)
-            prefix_shared = False
-            if prefixes is not None:
-                prefixed = self._prefixed_batch(batch, chunk, prefixes[begin : begin + batch_size], kv_cache,
-                                                max_new_tokens)
-                if prefixed is not None:
-                    batch, prefix_shared = prefixed, True
-            if kv_cache == "preallocated" and not prefix_shared:
-                cache = preallocated_cache(self.num_layers, batch.prompt_len + max_new_tokens)
-                batch = dataclasses.replace(batch, inputs={**batch.inputs, self._cache_argument: cache})
-            if do_sample:
-                gen_kwargs = self._row_sampling_kwargs(max_new_tokens, sample_seeds[begin : begin + batch_size],
-                                                       temperature, top_k, top_p)
+            rows = slice(begin, begin + batch_size)
+            chunk, chunk_prompts = list(samples[rows]), list(prompts[rows])
+            chunk_prefixes = None if prefixes is None else prefixes[rows]
+            batch, prefix_shared = self._prepare_chunk(chunk, chunk_prompts, chunk_prefixes, kv_cache=kv_cache,
+                                                       max_new_tokens=max_new_tokens)
+            decoding = self._decoding_kwargs(max_new_tokens, temperature, top_k, top_p,
+                                             sample_seeds[rows] if do_sample else None)
             started = time.perf_counter()
-            step_maps = None
-            generated_at = None  # when generate returned, before the maps are gathered
-            capture_in_layers = 0.0  # fused: the capture's own time inside the attention layers
             with torch.inference_mode(), generation_sdpa_backends(self.device, cudnn_attention):
                 if capture == "fused":
-                    with probe.ImageAttentionCapture(
-                        self.model,
-                        image_start=[l.span_start for l in batch.layouts],
-                        image_len=[l.span_len for l in batch.layouts],
-                        first_token_row=first_token_row,
-                        backend=backend,
-                        decoder=self.decoder,
-                    ) as recorder:
-                        sequences = self.model.generate(**batch.inputs, **gen_kwargs)
-                        # The steps flushed during generate; the last step's layers are flushed on
-                        # exit, which counts in the time after generate below.
-                        capture_in_layers = recorder.capture_seconds()
-                        generated_at = time.perf_counter()
-                    step_maps = recorder.step_maps()
+                    run = self._generate_fused(batch, decoding, first_token_row=first_token_row, backend=backend)
                 elif capture == "reference":
-                    with self.text_attention("eager"):
-                        out = self.model.generate(
-                            **batch.inputs, **gen_kwargs, output_attentions=True, return_dict_in_generate=True
-                        )
-                    sequences = out.sequences
-                    generated_at = time.perf_counter()
-                    step_maps = probe.reference_step_maps(
-                        out.attentions,
-                        image_start=[l.span_start for l in batch.layouts],
-                        image_len=[l.span_len for l in batch.layouts],
-                        first_token_row=first_token_row,
-                    )
-                    del out
+                    run = self._generate_reference(batch, decoding, first_token_row=first_token_row)
                 else:
-                    with self.text_attention("sdpa"):
-                        sequences = self.model.generate(**batch.inputs, **gen_kwargs)
-            generated = sequences[:, batch.prompt_len :].cpu()
-            per_sample_maps = (
-                probe.token_maps(step_maps, batch.layouts, generated, stop_ids) if step_maps is not None else None
-            )
-            finished = time.perf_counter()
-            elapsed = finished - started
-            # Fused: the in-layer capture work plus gathering the maps after generate. Reference: only the
-            # gathering (its cost inside generate is eager attention with output_attentions, not separable).
-            capture_after = capture_in_layers + (0.0 if generated_at is None else finished - generated_at)
-            steps = generated.shape[1]
-            for row, sample in enumerate(chunk):
-                ids = generated[row].tolist()
-                count = first_stop_index(ids, stop_ids)
-                ids = ids[:count]
-                maps, stop_map, extra = (None, None, {}) if per_sample_maps is None else per_sample_maps[row]
-                results.append(
-                    Generation(
-                        sample_id=str(sample.id),
-                        prompt=chunk_prompts[row],
-                        text=self.tokenizer.decode(ids, skip_special_tokens=True),
-                        token_ids=ids,
-                        maps=maps,
-                        geometry=batch.layouts[row].geometry,
-                        timings={
-                            "generate_s": elapsed / len(chunk),  # per-sample share, capture included
-                            "capture_s": capture_after / len(chunk) if capture else None,
-                            "batch_generate_s": elapsed,
-                            "batch_size": len(chunk),
-                            "batch_steps": steps,
-                            "capture": capture,
-                            "prefix_shared": prefix_shared,
-                        },
-                        extra_maps=extra,
-                        stop_map=stop_map,
-                    )
-                )
+                    run = self._generate_plain(batch, decoding)
+            results.extend(self._assemble(chunk, chunk_prompts, batch, run, started=started, capture=capture,
+                                          prefix_shared=prefix_shared))
         return results
+
+    def _prepare_chunk(self, samples: list[Any], prompts: list[str], prefixes: Optional[Sequence[ImagePrefix]], *,
+                       kv_cache: str, max_new_tokens: int) -> tuple[PreparedBatch, bool]:
+        """The model inputs of one chunk, with its key/value cache; and whether it reuses the image prefixes."""
+        batch = self.prepare([s.load_image() for s in samples], prompts)
+        if prefixes is not None:
+            prefixed = self._prefixed_batch(batch, samples, prefixes, kv_cache, max_new_tokens)
+            if prefixed is not None:
+                return prefixed, True
+        if kv_cache == "preallocated":
+            from pixfound.models.kv_cache import preallocated_cache
+
+            cache = preallocated_cache(self.num_layers, batch.prompt_len + max_new_tokens)
+            batch = dataclasses.replace(batch, inputs={**batch.inputs, self._cache_argument: cache})
+        return batch, False
+
+    def _generate_fused(self, batch: PreparedBatch, decoding: dict, *, first_token_row: str, backend: str
+                        ) -> _ChunkRun:
+        """``generate`` with the fused capture: SDPA, and the capture op on the image keys of every layer."""
+        from pixfound.attention.probe import ImageAttentionCapture
+
+        with ImageAttentionCapture(self.model, image_start=[l.span_start for l in batch.layouts],
+                                   image_len=[l.span_len for l in batch.layouts], first_token_row=first_token_row,
+                                   backend=backend, decoder=self.decoder) as recorder:
+            sequences = self.model.generate(**batch.inputs, **decoding)
+            # The steps computed during generate; the last window is computed on exit, which counts in the
+            # time after generate.
+            in_layers = recorder.capture_seconds()
+            generated_at = time.perf_counter()
+        return _ChunkRun(sequences, recorder.step_maps(), generated_at, in_layers)
+
+    def _generate_reference(self, batch: PreparedBatch, decoding: dict, *, first_token_row: str) -> _ChunkRun:
+        """``generate`` with eager attention and ``output_attentions``, read as the published recipe does."""
+        from pixfound.attention.probe import reference_step_maps
+
+        with self.text_attention("eager"):
+            out = self.model.generate(**batch.inputs, **decoding, output_attentions=True,
+                                      return_dict_in_generate=True)
+        generated_at = time.perf_counter()
+        step_maps = reference_step_maps(out.attentions, image_start=[l.span_start for l in batch.layouts],
+                                        image_len=[l.span_len for l in batch.layouts], first_token_row=first_token_row)
+        return _ChunkRun(out.sequences, step_maps, generated_at, 0.0)
+
+    def _generate_plain(self, batch: PreparedBatch, decoding: dict) -> _ChunkRun:
+        """``generate`` with SDPA and no maps."""
+        with self.text_attention("sdpa"):
+            sequences = self.model.generate(**batch.inputs, **decoding)
+        return _ChunkRun(sequences, None, None, 0.0)
+
+    def _assemble(self, samples: list[Any], prompts: list[str], batch: PreparedBatch, run: _ChunkRun, *,
+                  started: float, capture: Optional[str], prefix_shared: bool) -> list[Generation]:
+        """One :class:`Generation` per sample of a chunk: its tokens before the stop token, their maps, timings."""
+        from pixfound.attention.probe import token_maps
+
+        stop_ids = self.stop_token_ids
+        generated = run.sequences[:, batch.prompt_len :].cpu()
+        token_ids = [row[: first_stop_index(row, stop_ids)] for row in generated.tolist()]
+        maps = (token_maps(run.step_maps, batch.layouts, [len(ids) for ids in token_ids])
+                if run.step_maps is not None else [(None, None)] * len(samples))
+        finished = time.perf_counter()
+        elapsed = finished - started
+        # Fused: the capture's op calls during generate plus gathering the maps after it. Reference: only the
+        # gathering (its cost inside generate is eager attention with output_attentions, not separable).
+        capture_s = run.capture_in_layers + (0.0 if run.generated_at is None else finished - run.generated_at)
+        timings = {
+            "generate_s": elapsed / len(samples),  # per-sample share, capture included
+            "capture_s": capture_s / len(samples) if capture else None,
+            "batch_generate_s": elapsed,
+            "batch_size": len(samples),
+            "batch_steps": generated.shape[1],
+            "capture": capture,
+            "prefix_shared": prefix_shared,
+        }
+        return [
+            Generation(
+                sample_id=str(sample.id),
+                prompt=prompt,
+                text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                token_ids=ids,
+                maps=sample_maps,
+                geometry=layout.geometry,
+                timings=dict(timings),
+                stop_map=stop_map,
+            )
+            for sample, prompt, ids, (sample_maps, stop_map), layout
+            in zip(samples, prompts, token_ids, maps, batch.layouts)
+        ]
 
     def chat(
         self,

@@ -20,9 +20,11 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from pixfound.models.base import KV_CACHES
-
 __all__ = ["KV_CACHES", "PreallocatedLayer", "preallocated_cache"]
+
+#: ``generate``'s ``kv_cache`` choices: this module's preallocated cache, or transformers' DynamicCache.
+KV_CACHES = ("preallocated", "dynamic")
+
 
 class PreallocatedLayer(DynamicLayer):
     """A ``DynamicLayer`` whose keys/values are views of buffers with room for ``capacity`` positions.

@@ -21,8 +21,8 @@ tokens) followed by the "anyres" grid: the image resized with its aspect ratio i
 grid pinpoint, tiled, encoded, and un-padded back to the image's aspect ratio, giving an
 ``H' x W'`` grid where every row ends with one ``image_newline`` token. :class:`LlavaNextAdapter`
 drops the newline tokens: ``Generation.maps`` is the ``H' x W'`` anyres grid (``fit="resize"``,
-it covers the whole image), and ``Generation.extra_maps["base"]`` holds the 24x24 base view
-(``fit="resize"``).
+it covers the whole image). The base view's tokens count in each token's softmax like every key,
+but get no map of their own.
 """
 from __future__ import annotations
 
@@ -170,7 +170,7 @@ def anyres_grid_shape(
 class LlavaNextAdapter(LlavaAdapter):
     """llava-hf LLaVA-NeXT: base 24x24 view + anyres grid with row newlines (dropped from the maps).
 
-    ``Generation.maps`` is the anyres grid; ``Generation.extra_maps["base"]`` the base view.
+    ``Generation.maps`` is the anyres grid.
     The chat template is the checkpoint's own; ``system_prompt`` defaults to none.
     """
 
@@ -203,8 +203,4 @@ class LlavaNextAdapter(LlavaAdapter):
         r = torch.arange(rows)[:, None]
         c = torch.arange(cols)[None, :]
         anyres_index = (base + r * (cols + 1) + c).flatten()  # skips each row's trailing newline
-        geometry = ImageGeometry(rows, cols, height, width, "resize")
-        base_geometry = ImageGeometry(self.grid_side, self.grid_side, height, width, "resize")
-        return ImageTokenLayout(
-            start, length, anyres_index, geometry, extra={"base": (torch.arange(base), base_geometry)}
-        )
+        return ImageTokenLayout(start, length, anyres_index, ImageGeometry(rows, cols, height, width, "resize"))

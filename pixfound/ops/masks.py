@@ -1,9 +1,6 @@
-"""The public face of the compiled core and the Triton kernels.
+"""Mask IoU (bit-packed) and peaks of maps, on the host in the C++ core (``pixfound._C``).
 
-Each op picks its backend: Triton for CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``),
-the C++ core (``pixfound._C``) for host arrays, and the plain torch/NumPy reference otherwise.
-The references live beside the fast paths and are what the tests compare against.
-
+Each fast path has its plain NumPy/torch reference beside it; the tests compare the two.
 Convention: NumPy in → NumPy out; torch in → torch out.
 """
 from __future__ import annotations
@@ -27,8 +24,6 @@ __all__ = [
     "topk_peaks",
     "topk_peaks_reference",
     "local_peaks",
-    "upsample_peaks",
-    "image_attention",
 ]
 
 
@@ -199,27 +194,3 @@ def local_peaks(
     limit = -1 if num_peaks is None else int(num_peaks)
     out = _C.local_peaks(arr, min_distance, threshold, border, limit)
     return torch.from_numpy(out) if was_torch else out
-
-
-# ---------------------------------------------------------------------------------------------
-# Triton-backed ops (imported lazily: importing triton costs seconds)
-# ---------------------------------------------------------------------------------------------
-
-
-def upsample_peaks(maps: torch.Tensor, size: tuple[int, int], *, aspect: str = "pad", k: int = 1,
-                   return_maps: bool = False, backend: str = "auto"):
-    """Fused bicubic upsample + top-k peak; see :mod:`pixfound._kernels.upsample_peak`."""
-    from pixfound._kernels.upsample_peak import upsample_peaks as _upsample_peaks
-
-    return _upsample_peaks(maps, size, aspect=aspect, k=k, return_maps=return_maps, backend=backend)
-
-
-def image_attention(q: torch.Tensor, k: torch.Tensor, *, image_start: torch.Tensor, image_len: torch.Tensor,
-                    key_start: torch.Tensor, key_end: torch.Tensor, scale: float, backend: str = "auto",
-                    gap_start: torch.Tensor | None = None, gap_end: torch.Tensor | None = None):
-    """Head-mean softmax attention of query rows to the image keys, optionally minus one gap of keys
-    ``[gap_start[b], gap_end[b])`` per sample; see :mod:`pixfound._kernels.image_attention`."""
-    from pixfound._kernels.image_attention import image_attention as _image_attention
-
-    return _image_attention(q, k, image_start=image_start, image_len=image_len, key_start=key_start,
-                            key_end=key_end, scale=scale, backend=backend, gap_start=gap_start, gap_end=gap_end)

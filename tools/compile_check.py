@@ -6,7 +6,7 @@ something slow (registers spilled to local memory, more shared memory than a blo
 This module answers those questions on a CPU machine:
 
 * a stand-in for Triton's active driver names the target (``cuda``, capability ``90`` = H100/H200);
-* the real launchers (``image_attention_layers_triton_into``, ``_upsample_peaks_triton``) run on
+* the real launchers (``image_attention_triton``, ``upsample_peaks_triton`` in ``pixfound.triton_kernels``) run on
   ``meta`` tensors at model shapes, with each kernel replaced by a proxy whose launch is Triton's
   ``warmup``: the JIT specialises and compiles exactly what that launch would run (constexprs,
   integer and alignment specialisations), and nothing executes;
@@ -14,9 +14,10 @@ This module answers those questions on a CPU machine:
   PTX; the PTX itself says whether ``tl.dot`` became tensor-core instructions (``mma.sync``, or
   Hopper's ``wgmma``) and whether tiles are loaded by asynchronous 16-byte copies.
 
-Run it in a process where ``TRITON_INTERPRET`` is not ``1`` (the kernels must be JIT functions)::
+It is a development tool and does not ship with the package. Run it from the repository, in a
+process where ``TRITON_INTERPRET`` is not ``1`` (the kernels must be JIT functions)::
 
-    python -m pixfound._kernels.compile_check [--arch 90] [--json]
+    python tools/compile_check.py [--arch 90] [--json]
 
 It exits non-zero if a variant fails to compile, spills, or exceeds the target's shared memory.
 ``tests/test_kernel_compile.py`` runs it in CI; a GPU run still has to measure speed.
@@ -31,7 +32,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -198,8 +198,8 @@ def _variant(name: str, case: str, grid: tuple, num_warps: int, compiled: Any, a
 
 
 def _capture_cases(shape: CaptureShape, rows: int) -> None:
-    """Call the probe's Triton entry point on meta tensors (what one window of ``rows`` steps launches)."""
-    from pixfound._kernels.image_attention import image_attention_layers_triton_into
+    """Call the capture's Triton launcher on meta tensors (what one window of ``rows`` steps launches)."""
+    from pixfound.triton_kernels.image_attention import image_attention_triton
 
     meta = torch.device("meta")
     queries = [torch.empty(shape.batch, shape.heads_q, rows, shape.head_dim, dtype=shape.dtype, device=meta)
@@ -208,20 +208,21 @@ def _capture_cases(shape: CaptureShape, rows: int) -> None:
             for _ in range(shape.layers)]
     index = lambda *size: torch.zeros(*size, dtype=torch.int64, device=meta)  # noqa: E731
     gap = dict(gap_start=index(shape.batch), gap_end=index(shape.batch)) if shape.gap else {}
-    out = torch.zeros(shape.batch, rows, shape.image_keys, dtype=torch.float32, device=meta)
-    image_attention_layers_triton_into(
-        out, queries, keys, [shape.head_dim ** -0.5] * shape.layers, image_start=index(shape.batch),
-        image_len=index(shape.batch), key_start=index(shape.batch), key_end=index(shape.batch, rows), **gap)
+    image_attention_triton(
+        queries, keys, [shape.head_dim ** -0.5] * shape.layers, image_start=index(shape.batch),
+        image_len=index(shape.batch), key_start=index(shape.batch), key_end=index(shape.batch, rows),
+        num_image_keys=shape.image_keys, **gap)
 
 
 def compile_variants(arch: int = 90) -> list[Variant]:
     """Compile the capture and upsample kernels as the launchers would launch them on ``arch``."""
-    from pixfound._kernels import image_attention, upsample_peak
-    from pixfound._kernels._backend import interpreting, triton_available
+    from pixfound.triton_kernels import interpreting, triton_available
 
     if not triton_available():
         raise RuntimeError("triton is not importable")
-    if interpreting() or image_attention._DECORATED_FOR_INTERPRETER or upsample_peak._DECORATED_FOR_INTERPRETER:
+    from pixfound.triton_kernels import image_attention, upsample_peak
+
+    if interpreting() or image_attention.DECORATED_FOR_INTERPRETER or upsample_peak.DECORATED_FOR_INTERPRETER:
         raise RuntimeError("run the compile check without TRITON_INTERPRET=1: the kernels must be JIT functions")
     if arch not in MAX_SHARED_BYTES:
         raise ValueError(f"arch must be one of {sorted(MAX_SHARED_BYTES)}, got {arch}")
@@ -235,19 +236,11 @@ def compile_variants(arch: int = 90) -> list[Variant]:
 
     def attempt(case: str, call: Callable[[], None]) -> None:
         current["case"] = case
-        failed_before = len(image_attention._ROWS_KERNEL_FAILED)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                call()
+            call()
         except Exception as error:  # a compile error of this case; the others still run
             variants.append(Variant(kernel="?", case=case, grid=(), num_warps=0, shared_bytes=0,
                                     error=f"{type(error).__name__}: {str(error)[:400]}"))
-        # The probe's guard swallows a row-block failure (it falls back per row): report it here.
-        for reason in image_attention._ROWS_KERNEL_FAILED[failed_before:]:
-            variants.append(Variant(kernel="_image_attention_rows_kernel", case=case, grid=(), num_warps=0,
-                                    shared_bytes=0, error=reason[:400]))
-        del image_attention._ROWS_KERNEL_FAILED[failed_before:]
         while sink:
             name, where, grid, num_warps, compiled = sink.pop(0)
             variants.append(_variant(name, where, grid, num_warps, compiled, arch))
@@ -256,12 +249,12 @@ def compile_variants(arch: int = 90) -> list[Variant]:
         for shape in CAPTURE_SHAPES:
             for rows in CAPTURE_ROWS:
                 attempt(f"{shape.name} rows={rows}", lambda: _capture_cases(shape, rows))
-        geometry = upsample_peak._geometry((768, 1024), "pad")
+        window = (1024, 1024, 128, 0, 768, 1024)  # pad mode: 1024 square, centre crop of 768 x 1024
         maps = torch.empty(32, 24, 24, dtype=torch.float32, device="meta")
         flag = torch.zeros(1, dtype=torch.int32, device="meta")  # upsample_peaks' in-kernel NaN/inf check
         for k, return_maps in UPSAMPLE_VARIANTS:
             attempt(f"upsample 24x24->768x1024 k={k} maps={return_maps}",
-                    lambda: upsample_peak._upsample_peaks_triton(maps, geometry, k, return_maps, nonfinite=flag))
+                    lambda: upsample_peak.upsample_peaks_triton(maps, window, k, return_maps, nonfinite=flag))
     return variants
 
 
