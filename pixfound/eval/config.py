@@ -25,6 +25,7 @@ __all__ = [
     "ANSWER_PROTOCOLS",
     "EvalConfig",
     "Flag",
+    "GROUNDING_MODES",
     "GROUNDING_PROTOCOLS",
     "IDENTITY_EXEMPT",
     "KERNEL_BACKENDS",
@@ -38,7 +39,10 @@ __all__ = [
 ]
 
 PROTOCOLS = (1, 2, 3)
-STRATEGIES = ("oracle", "similarity", "judge")
+STRATEGIES = ("oracle", "similarity", "judge", "model")
+# How protocol 3 grounds: the attention maps (PixFoundation), the model's own points or boxes, or the
+# box baseline (a box asked in words, for any family).
+GROUNDING_MODES = ("attention", "points", "boxes", "baseline")
 GROUNDING_PROTOCOLS = (1, 3)
 ANSWER_PROTOCOLS = (1, 2)
 PAPER_BENCHMARKS = ("pixmmvp", "pixcvbench")
@@ -304,9 +308,16 @@ class EvalConfig:
     spacy_pipeline: Optional[str] = setting(
         None, "spaCy English pipeline for noun phrases: a package name, a folder, or auto (best installed) "
         "(recipe: published en_core_web_lg, pixfound auto)", metavar="NAME", commands=_MODEL_AND_GROUNDING)
+    grounding: str = setting(
+        "attention", "how answers are grounded: attention (the attention maps' peaks prompt SAM, protocols 1 and 3), "
+        "points or boxes (Qwen2.5-VL / Qwen3-VL write points or boxes as JSON for protocol 3, as the published "
+        "infer_qwen*.py scripts ask them), baseline (any model is asked 'Output bounding box for the ...' for "
+        "protocol 3, as infer_simple_baseline.py does)", choices=GROUNDING_MODES)
     selects: Optional[tuple[str, ...]] = setting(
-        None, "mask selection, comma separated: oracle,similarity,judge (default: oracle,similarity, "
-        "plus judge with --judge)", flags=("--select",), parse=parse_selects, metavar="LIST")
+        None, "mask selection, comma separated: oracle, similarity, judge (attention and points), model (the "
+        "model's own single mask: boxes and baseline). Default: oracle,similarity (+judge with --judge) for "
+        "attention, oracle (+judge) for points, model for boxes and baseline",
+        flags=("--select",), parse=parse_selects, metavar="LIST")
     phrase_vectors: Optional[str] = setting(
         None, "vectors for --select similarity: auto, spacy[:PIPELINE] or sentence-transformers:MODEL "
         "(recipe: published spacy:en_core_web_lg, pixfound auto)", metavar="SPEC", commands=_MODEL_AND_GROUNDING)
@@ -392,7 +403,14 @@ class EvalConfig:
             raise UserError(f"--select values must be among {STRATEGIES}, got {self.selects}")
         if self.selects is not None and "judge" in self.selects and not self.has_judge:
             raise UserError("--select judge needs a judge: pass --judge openai:MODEL or --judge hf:MODEL")
-        for name in ("recipe", "capture", "sam_dtype", "first_token_row", "kernel_backend", "kv_cache",
+        if self.selects is not None:
+            allowed = {"attention": ("oracle", "similarity", "judge"), "points": ("oracle", "judge"),
+                       "boxes": ("model",), "baseline": ("model",)}.get(self.grounding, STRATEGIES)
+            wrong = [s for s in self.selects if s not in allowed]
+            if wrong:
+                raise UserError(f"--select {','.join(wrong)} does not apply to --grounding {self.grounding}; "
+                                f"choose among {', '.join(allowed)}")
+        for name in ("grounding", "recipe", "capture", "sam_dtype", "first_token_row", "kernel_backend", "kv_cache",
                      "map_mean", "similarity_pick", "oracle_ties", "prompt_text", "judge_rules", "article_rule",
                      "accuracy_grader", "sam_model", "dtype", "benchmark"):
             field = _FIELDS[name]
@@ -499,7 +517,9 @@ class EvalConfig:
         if self.sam_batch_size is None:
             values["sam_batch_size"] = self.batch_size
         if self.selects is None:
-            values["selects"] = ("oracle", "similarity") + (("judge",) if self.has_judge else ())
+            judge = ("judge",) if self.has_judge else ()
+            values["selects"] = {"attention": ("oracle", "similarity") + judge, "points": ("oracle",) + judge
+                                 }.get(self.grounding, ("model",))
         values["device"], values["dtype"] = self._resolved_device()
         config = dataclasses.replace(self, **values)
         config._check_backend()

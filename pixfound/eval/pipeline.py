@@ -215,9 +215,36 @@ class GroundingPipeline:
         return [self._prefixes[item.id] for item in items]
 
     def prompts(self, samples: Sequence[Any], protocol: int) -> list[str]:
+        if protocol == 3 and self.config.grounding != "attention":
+            return [self.native_prompt(s) for s in samples]
         return [build_prompt(s, protocol, vqa_template=self.config.vqa_template,
                              grounding_template=self.config.grounding_template, text=self.config.prompt_text)
                 for s in samples]
+
+    def native_prompt(self, sample: Any) -> str:
+        """Protocol 3 of the native modes: the published point, box or box-baseline question.
+
+        The published scripts insert the CSV cell (``--prompt-text raw``: ``"Point to the  the dog, ..."``);
+        the normalised text leaves the expression's article out so that the question reads as English.
+        """
+        from pixfound.eval.prompts import strip_article
+        from pixfound.grounding.baseline import BOX_PROMPT_TEMPLATE
+        from pixfound.grounding.native import box_prompt, point_prompt
+
+        raw = (getattr(sample, "meta", None) or {}).get("raw_expression")
+        if self.config.prompt_text == "raw" and isinstance(raw, str):
+            target = raw
+        else:
+            target = strip_article(sample.expression)
+        if self.config.grounding == "points":
+            return point_prompt(target)
+        if self.config.grounding == "boxes":
+            return box_prompt(target)
+        return BOX_PROMPT_TEMPLATE.format(expression=target)
+
+    def grounds(self, protocol: int) -> bool:
+        """Whether ``protocol``'s answers are grounded: 1 and 3 by attention, only 3 in the other modes."""
+        return protocol in (1, 3) if self.config.grounding == "attention" else protocol == 3
 
     def sampling_seed(self, sample_id: Any, protocol: Optional[int]) -> Optional[int]:
         """The sampling seed of one (sample, protocol) answer: from the run seed and the pair alone, so
@@ -243,6 +270,22 @@ class GroundingPipeline:
         )
         return generations, (time.perf_counter() - started) / max(1, len(items))
 
+    def native_chat(self, items: Sequence[Any], prompts: Sequence[str], protocol: int) -> tuple[list, float]:
+        """Answers in the published Qwen scripts' message layout (``adapter.native_chat``), every protocol.
+
+        For boxes, protocol 3 shows the model the image at twice its size, as the published box
+        script does; coordinates are read back in the original image.
+        """
+        started = time.perf_counter()
+        images = [item.load_image() for item in items]
+        if protocol == 3 and self.config.grounding == "boxes":
+            images = [image.resize((2 * image.width, 2 * image.height)) for image in images]
+        replies = self.adapter.native_chat(images, list(prompts), max_new_tokens=self.config.max_new_tokens)
+        elapsed = (time.perf_counter() - started) / max(1, len(items))
+        generations = [NativeGeneration(str(item.id), prompt, reply.text, reply.frame_hw, {"generate_s": elapsed})
+                       for item, prompt, reply in zip(items, prompts, replies)]
+        return generations, elapsed
+
     def process(self, samples: Sequence[Any], protocol: int) -> list[dict]:
         """One record per sample for ``protocol`` (see the module docstring)."""
         return self.grounding_stage(self.generate_stage(samples, protocol))
@@ -258,9 +301,11 @@ class GroundingPipeline:
             load_times.append(seconds)
             items.append(_CachedImageSample(str(sample.id), image))
         prompts = self.prompts(samples, protocol)
-        grounds = protocol in (1, 3)
-        generations, generate_share = self.generate(items, prompts, capture=self.config.capture if grounds else None,
-                                                    protocol=protocol)
+        if self.config.grounding in ("points", "boxes"):
+            generations, generate_share = self.native_chat(items, prompts, protocol)
+        else:
+            capture = self.config.capture if self.grounds(protocol) and self.config.grounding == "attention" else None
+            generations, generate_share = self.generate(items, prompts, capture=capture, protocol=protocol)
         for sample, generation in zip(samples, generations):
             if generation.sample_id != str(sample.id):
                 raise RuntimeError(f"generation for {generation.sample_id!r} came back for sample {sample.id!r}")
@@ -274,9 +319,10 @@ class GroundingPipeline:
         of its own (SAM, spaCy, phrase vectors, a private copy of the tokenizer).
         """
         samples, protocol = generated.samples, generated.protocol
-        grounds = protocol in (1, 3)
+        grounds = self.grounds(protocol)
+        native = self.config.grounding != "attention"
         encoder_share = self._embed(samples) if grounds else 0.0
-        prepared = (self._prepare_grounding(samples, generated.generations) if grounds
+        prepared = (self._prepare_grounding(samples, generated.generations) if grounds and not native
                     else [None] * len(samples))
         encoded_now = set()
         records = []
@@ -295,11 +341,18 @@ class GroundingPipeline:
                 first_use = sample.id not in encoded_now
                 encoded_now.add(sample.id)
                 timings["sam_encoder_s"] = encoder_share if first_use else 0.0
-                result = self.ground(image, generation, sample_id=str(sample.id),
-                                     expression=self.similarity_expression(sample),
-                                     gt_mask=self._gt_mask(sample, image), embedding=self._embeddings[sample.id],
-                                     timings=timings, prepared=ready)
-                record["grounding"] = self._grounding_record(result, sample, image, timings)
+                if native:
+                    result, native_info = self.ground_native(image, generation, expression=self.similarity_expression(
+                        sample), gt_mask=self._gt_mask(sample, image), embedding=self._embeddings[sample.id],
+                        timings=timings)
+                    record["grounding"] = self._grounding_record(result, sample, image, timings)
+                    record["grounding"]["native"] = native_info
+                else:
+                    result = self.ground(image, generation, sample_id=str(sample.id),
+                                         expression=self.similarity_expression(sample),
+                                         gt_mask=self._gt_mask(sample, image), embedding=self._embeddings[sample.id],
+                                         timings=timings, prepared=ready)
+                    record["grounding"] = self._grounding_record(result, sample, image, timings)
             else:
                 record["grounding"] = None
             record["timings"] = timings
@@ -512,6 +565,75 @@ class GroundingPipeline:
         timings["selection_s"] = prepared.vectors_s + time.perf_counter() - started
         return GroundingResult(phrases, points, masks, scores, candidates, selections)
 
+    def ground_native(self, image: Any, generation: Any, *, expression: Optional[str], gt_mask: Optional[np.ndarray],
+                      embedding: Any, timings: dict) -> tuple[GroundingResult, dict]:
+        """SAM masks from the model's own points or boxes (or the box baseline's reply), and the selections.
+
+        The candidates sit under one pseudo-phrase named after the mode, mask after mask, as the
+        published scripts wrote them (``{image}_000_{mask:03d}.png``): for points every union of one
+        mask per point (:func:`pixfound.grounding.native.point_candidates`), for boxes and the baseline
+        the single union of each box's mask, which the ``model`` selection scores. A reply that
+        cannot be read is no prediction: one empty candidate.
+        """
+        import torch
+
+        from pixfound.grounding import native
+        from pixfound.grounding.baseline import baseline_mask
+        from pixfound.grounding.phrases import Phrase
+        from pixfound.grounding.select import Selection, build_candidates, select_judge, select_oracle
+
+        mode = self.config.grounding
+        height, width = image.height, image.width
+        started = time.perf_counter()
+        self.segmenter.set_embedding(embedding)
+        info: dict[str, Any] = {"mode": mode, "reply": generation.text}
+        if mode == "points":
+            points = native.parse_points(generation.text, generation.frame_hw, (height, width))
+            info["points"] = None if points is None else points.tolist()
+            if points is None or len(points) == 0:
+                masks = np.zeros((1, 1, height, width), dtype=bool)
+            else:
+                points = np.clip(points, 0, [width - 1, height - 1])
+                sam_masks, _ = self.segmenter.segment_points(torch.as_tensor(points[:, None, :]))
+                masks = native.point_candidates(sam_masks.cpu().numpy())[None]
+        elif mode == "boxes":
+            boxes = native.parse_boxes(generation.text, generation.frame_hw, (height, width))
+            info["boxes"] = None if boxes is None else boxes.tolist()
+            union = np.zeros((height, width), dtype=bool)
+            if boxes is not None and len(boxes):
+                box_masks, _ = self.segmenter.segment_boxes(boxes.astype(np.float32), multimask_output=False)
+                union = box_masks.cpu().numpy().any(axis=0)
+            masks = union[None, None]
+        else:
+            result = baseline_mask(generation.text, self.segmenter)
+            info["boxes"] = result.boxes.tolist()
+            masks = np.asarray(result.mask, dtype=bool)[None, None]
+        info["no_prediction"] = not masks.any() and (info.get("points") is None and info.get("boxes") in (None, []))
+        timings["sam_decoder_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        phrase = Phrase(index=0, text=mode, root=mode, char_start=0, char_end=0, position_pct=0.0)
+        anchor = np.full((1, 1, 2), -1, dtype=np.int64)
+        scores = np.zeros(masks.shape[:2], dtype=np.float32)
+        candidates = build_candidates([phrase], anchor, masks, scores)
+        selections: dict[str, Any] = {}
+        for strategy in self.config.selects:
+            if strategy == "oracle" and gt_mask is not None:
+                selections[strategy] = select_oracle(candidates, gt_mask, ties=self.config.oracle_ties)
+            elif strategy == "judge" and expression is not None:
+                selections[strategy] = select_judge(candidates, image, expression, self.judge,
+                                                    rules=self.config.judge_rules)
+            elif strategy == "model":
+                chosen = candidates[0]
+                mask = chosen.mask
+                if mask.any():
+                    selections[strategy] = Selection("model", 0, mask, info={"reason": "the model's mask"},
+                                                     candidate=chosen)
+                else:
+                    selections[strategy] = Selection("model", None, mask, info={"reason": "empty"})
+        timings["selection_s"] = time.perf_counter() - started
+        return GroundingResult([phrase], torch.as_tensor(anchor), torch.as_tensor(masks), torch.as_tensor(scores),
+                               candidates, selections), info
+
     def _grounding_record(self, result: GroundingResult, sample: Any, image: Any, timings: dict) -> dict:
         from pixfound.grounding.select import candidate_ious, mask_to_rle
 
@@ -582,6 +704,20 @@ class GroundingPipeline:
         if len(result.candidates[0].packed) != num_phrases * per_phrase:
             return None
         return masks_to_rle(masks.reshape(num_phrases * per_phrase, height, width))
+
+
+@dataclasses.dataclass
+class NativeGeneration:
+    """A reply of ``adapter.native_chat``, shaped like the parts of a Generation the records read."""
+
+    sample_id: str
+    prompt: str
+    text: str
+    frame_hw: tuple[int, int]      # the (height, width) in which the model writes coordinates
+    timings: dict
+    token_ids: list = dataclasses.field(default_factory=list)
+    maps: Any = None
+    stop_map: Any = None
 
 
 @dataclasses.dataclass
@@ -676,6 +812,10 @@ def build_pipeline(config: EvalConfig, *, need_vectors: Optional[bool] = None, n
     adapter = load_eval_model(config.model, device, config.dtype)
     if reuse_model:
         judge = make_judge(config.judge, base_url=config.judge_base_url, adapter=adapter)
+    if config.grounding in ("points", "boxes") and not getattr(adapter, "writes_coordinates", False):
+        raise UserError(f"--grounding {config.grounding} needs a model that writes its own points and boxes "
+                        f"(Qwen2.5-VL, Qwen3-VL); {config.model} is {getattr(adapter, 'family', '?')}. Use "
+                        "--grounding attention or baseline")
     if config.share_image_prefix and not getattr(adapter, "shares_image_prefix", False):
         raise UserError(f"--share-image-prefix works for the LLaVA families only; {config.model} "
                         f"({getattr(adapter, 'family', '?')}) places its image tokens with positions that a "

@@ -65,7 +65,9 @@ def oracle_phrases(records: Sequence[dict], protocol: Optional[int] = None) -> t
             continue
         grounding = record["grounding"]
         oracle = (grounding.get("selections") or {}).get("oracle")
-        if not record.get("has_expression"):
+        if grounding.get("native"):
+            excluded["native_grounding"] += 1  # the model's own points or boxes: no phrase in an answer
+        elif not record.get("has_expression"):
             excluded["without_expression"] += 1
         elif not grounding.get("gt_area"):
             excluded["empty_ground_truth"] += 1

@@ -91,6 +91,15 @@ class Generation:
 
 
 @dataclasses.dataclass(frozen=True)
+class NativeReply:
+    """One answer of ``adapter.native_chat``: the text, and the (height, width) frame in which the
+    model writes coordinates (its processor's input size, or its normalised range)."""
+
+    text: str
+    frame_hw: tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
 class ImageTokenLayout:
     """Where one sample's image tokens sit in the padded input, and which grid cell each covers.
 
