@@ -221,7 +221,7 @@ def test_exact_ties_resolve_to_lowest_flat_index(size, aspect, backend):
         maps32, geo = _check_args(maps, size, aspect, k)
         peaks, _ = upsample_peaks_triton(maps32, geo, k, False, block_h=8, block_w=16)
     else:
-        peaks = upsample_peaks(maps, size, aspect=aspect, k=k, backend="reference")
+        peaks = upsample_peaks(maps, size, aspect=aspect, k=k, backend=backend)
     all_tied = _hot_cell_tie_pixels(HOT_CELLS, size, aspect)
     assert peaks[0].tolist() == [list(p) for p in all_tied[:k]]
     one_cell = _hot_cell_tie_pixels([HOT_CELLS[2]], size, aspect)
