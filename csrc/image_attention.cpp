@@ -14,10 +14,7 @@
 #include <vector>
 
 #include "common.hpp"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "parallel.hpp"
 
 namespace pixfound {
 
@@ -262,27 +259,18 @@ void accumulate(const std::vector<LayerInputs>& layers, py::ssize_t batch, py::s
   }
   const py::ssize_t max_pairs = rows * max_group;
   const float inv_heads = 1.0f / static_cast<float>(heads_q);
-  // Threads only pay off on large calls: per decode step the work is small, and waking a second
-  // OpenMP runtime beside torch's costs more than it saves.
-  // At most num_threads (the caller passes torch's thread count; 0: OpenMP's default).
-#ifdef _OPENMP
-  const int threads = num_threads > 0 ? static_cast<int>(num_threads) : omp_get_max_threads();
-#else
-  const int threads = 1;
-  (void)num_threads;
-#endif
-  const bool parallel = threads > 1 && work >= (py::ssize_t(1) << 24);
+  // Threads only pay off on large calls (2^24 multiply-adds and more): per decode step the work is
+  // small. At most num_threads (the caller passes torch's thread count), over the samples.
+  const int threads = work >= (py::ssize_t(1) << 24) ? plan_threads(num_threads, batch, work, 1) : 1;
   py::gil_scoped_release release;
-#pragma omp parallel if (parallel) num_threads(threads)
-  {
+  parallel_for(batch, threads, [&](std::int64_t first, std::int64_t last) {
     std::vector<float> scores(static_cast<size_t>(max_pairs * std::max<py::ssize_t>(max_keys, 1)));
     std::vector<const float*> queries(static_cast<size_t>(max_pairs));
     std::vector<py::ssize_t> pair_end(static_cast<size_t>(max_pairs));
     // Per row: its valid keys [lo, gap_lo) and [gap_hi, hi).
     std::vector<py::ssize_t> row_hi(static_cast<size_t>(rows)), row_gap_lo(static_cast<size_t>(rows)),
         row_gap_hi(static_cast<size_t>(rows));
-#pragma omp for schedule(static)
-    for (py::ssize_t b = 0; b < batch; ++b) {
+    for (std::int64_t b = first; b < last; ++b) {
       const py::ssize_t n_img = std::clamp<py::ssize_t>(spans.image_len[b], 0, num_image_keys);
       if (n_img == 0) continue;
       for (const auto& layer : layers) {
@@ -342,7 +330,7 @@ void accumulate(const std::vector<LayerInputs>& layers, py::ssize_t batch, py::s
         }
       }
     }
-  }
+  });
 }
 
 // Both entry points after their q/k checks: the index checks, the output array, the sum.

@@ -4,13 +4,10 @@
 #include "mask_iou.hpp"
 
 #include "common.hpp"
+#include "parallel.hpp"
 
 #include <algorithm>
 #include <cstring>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace pixfound {
 
@@ -39,7 +36,7 @@ static inline std::uint64_t pack_word(const std::uint8_t* m, py::ssize_t len) {
   return word;
 }
 
-PackedMasks pack_masks(const py::array& masks) {
+PackedMasks pack_masks(const py::array& masks, py::ssize_t num_threads) {
   require_ndim(masks, "masks", 3, "[N, H, W]");
   require_mask_dtype(masks, "masks");
   require_c_contiguous(masks, "masks");
@@ -55,26 +52,29 @@ PackedMasks pack_masks(const py::array& masks) {
   auto* area = areas.mutable_data();
   {
     py::gil_scoped_release release;
-#pragma omp parallel for schedule(static)
-    for (py::ssize_t i = 0; i < n; ++i) {
-      const std::uint8_t* m = src + i * pixels;
-      std::uint64_t* out = dst + i * words;
-      std::int64_t count = 0;
-      for (py::ssize_t wi = 0; wi < words; ++wi) {
-        const py::ssize_t base = wi * 64;
-        const std::uint64_t word = pack_word(m + base, std::min<py::ssize_t>(64, pixels - base));
-        out[wi] = word;
-        count += static_cast<std::int64_t>(popcount64(word));
+    // A thread per MiB of mask bytes at most.
+    const int threads = plan_threads(num_threads, n, n * pixels, std::int64_t(1) << 20);
+    parallel_for(n, threads, [&](std::int64_t lo, std::int64_t hi) {
+      for (std::int64_t i = lo; i < hi; ++i) {
+        const std::uint8_t* m = src + i * pixels;
+        std::uint64_t* out = dst + i * words;
+        std::int64_t count = 0;
+        for (py::ssize_t wi = 0; wi < words; ++wi) {
+          const py::ssize_t base = wi * 64;
+          const std::uint64_t word = pack_word(m + base, std::min<py::ssize_t>(64, pixels - base));
+          out[wi] = word;
+          count += static_cast<std::int64_t>(popcount64(word));
+        }
+        area[i] = count;
       }
-      area[i] = count;
-    }
+    });
   }
   return PackedMasks{packed, areas, h, w};
 }
 
 py::array_t<float> packed_iou(const py::array_t<std::uint64_t>& a_words, const py::array_t<std::int64_t>& a_areas,
                               const py::array_t<std::uint64_t>& b_words, const py::array_t<std::int64_t>& b_areas,
-                              double empty) {
+                              double empty, py::ssize_t num_threads) {
   require_ndim(a_words, "a_words", 2, "[N, words]");
   require_ndim(b_words, "b_words", 2, "[M, words]");
   require_ndim(a_areas, "a_areas", 1, "[N]");
@@ -102,16 +102,19 @@ py::array_t<float> packed_iou(const py::array_t<std::uint64_t>& a_words, const p
   {
     py::gil_scoped_release release;
     const py::ssize_t pairs = n * m;
-#pragma omp parallel for schedule(static)
-    for (py::ssize_t p = 0; p < pairs; ++p) {
-      const py::ssize_t i = p / m, j = p % m;
-      const std::uint64_t* x = aw + i * words;
-      const std::uint64_t* y = bw + j * words;
-      std::uint64_t inter = 0;
-      for (py::ssize_t k = 0; k < words; ++k) inter += popcount64(x[k] & y[k]);
-      const std::int64_t uni = aa[i] + ba[j] - static_cast<std::int64_t>(inter);
-      o[p] = uni == 0 ? empty_value : static_cast<float>(static_cast<double>(inter) / static_cast<double>(uni));
-    }
+    // A thread per 2^17 word pairs (8 Mi pixel pairs) at most.
+    const int threads = plan_threads(num_threads, pairs, pairs * words, std::int64_t(1) << 17);
+    parallel_for(pairs, threads, [&](std::int64_t lo, std::int64_t hi) {
+      for (std::int64_t p = lo; p < hi; ++p) {
+        const py::ssize_t i = p / m, j = p % m;
+        const std::uint64_t* x = aw + i * words;
+        const std::uint64_t* y = bw + j * words;
+        std::uint64_t inter = 0;
+        for (py::ssize_t k = 0; k < words; ++k) inter += popcount64(x[k] & y[k]);
+        const std::int64_t uni = aa[i] + ba[j] - static_cast<std::int64_t>(inter);
+        o[p] = uni == 0 ? empty_value : static_cast<float>(static_cast<double>(inter) / static_cast<double>(uni));
+      }
+    });
   }
   return out;
 }

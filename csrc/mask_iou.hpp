@@ -15,10 +15,11 @@ struct PackedMasks {
   py::ssize_t width;
 };
 
-PackedMasks pack_masks(const py::array& masks);
+// num_threads: at most this many threads (Python passes torch.get_num_threads()).
+PackedMasks pack_masks(const py::array& masks, py::ssize_t num_threads);
 
 py::array_t<float> packed_iou(const py::array_t<std::uint64_t>& a_words, const py::array_t<std::int64_t>& a_areas,
                               const py::array_t<std::uint64_t>& b_words, const py::array_t<std::int64_t>& b_areas,
-                              double empty);
+                              double empty, py::ssize_t num_threads);
 
 }  // namespace pixfound

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common.hpp"
+#include "parallel.hpp"
 
 namespace pixfound {
 
@@ -57,7 +58,7 @@ void topk_one(const T* values, py::ssize_t count, py::ssize_t k, std::int64_t* o
 }
 
 template <typename T>
-py::array_t<std::int64_t> topk_typed(const py::array& maps, py::ssize_t k) {
+py::array_t<std::int64_t> topk_typed(const py::array& maps, py::ssize_t k, py::ssize_t num_threads) {
   const py::ssize_t g = maps.shape(0), h = maps.shape(1), w = maps.shape(2);
   const py::ssize_t count = h * w;
   const T* data = static_cast<const T*>(maps.data());
@@ -67,15 +68,20 @@ py::array_t<std::int64_t> topk_typed(const py::array& maps, py::ssize_t k) {
   {
     py::gil_scoped_release release;
     std::vector<std::int64_t> index(static_cast<size_t>(g * k));
-#pragma omp parallel for schedule(static) reduction(|| : nan_found)
-    for (py::ssize_t i = 0; i < g; ++i) {
-      const T* m = data + i * count;
-      if (has_nan(m, count)) {
-        nan_found = true;
-        continue;
+    std::vector<unsigned char> nan_in(static_cast<size_t>(g), 0);  // per map: no shared flag between threads
+    // A thread per 2^18 map values at most.
+    const int threads = plan_threads(num_threads, g, g * count, std::int64_t(1) << 18);
+    parallel_for(g, threads, [&](std::int64_t lo, std::int64_t hi) {
+      for (std::int64_t i = lo; i < hi; ++i) {
+        const T* m = data + i * count;
+        if (has_nan(m, count)) {
+          nan_in[i] = 1;
+          continue;
+        }
+        topk_one(m, count, k, index.data() + i * k);
       }
-      topk_one(m, count, k, index.data() + i * k);
-    }
+    });
+    nan_found = std::find(nan_in.begin(), nan_in.end(), 1) != nan_in.end();
     if (!nan_found) {
       for (py::ssize_t i = 0; i < g * k; ++i) {
         o[2 * i] = index[i] % w;      // x
@@ -195,7 +201,7 @@ void require_float_map(const py::array& a, const char* name) {
 
 }  // namespace
 
-py::array_t<std::int64_t> topk_peaks(const py::array& maps, py::ssize_t k) {
+py::array_t<std::int64_t> topk_peaks(const py::array& maps, py::ssize_t k, py::ssize_t num_threads) {
   require_ndim(maps, "maps", 3, "[G, H, W]");
   require_float_map(maps, "maps");
   require_c_contiguous(maps, "maps");
@@ -205,7 +211,8 @@ py::array_t<std::int64_t> topk_peaks(const py::array& maps, py::ssize_t k) {
     fail("k must be between 1 and H*W = " + std::to_string(count) + " for maps of shape " + shape_str(maps) +
          ", got " + std::to_string(k));
   }
-  return maps.dtype().itemsize() == 4 ? topk_typed<float>(maps, k) : topk_typed<double>(maps, k);
+  return maps.dtype().itemsize() == 4 ? topk_typed<float>(maps, k, num_threads)
+                                      : topk_typed<double>(maps, k, num_threads);
 }
 
 py::array_t<std::int64_t> upsample_topk(const py::array& maps, py::ssize_t full_h, py::ssize_t full_w, py::ssize_t top,

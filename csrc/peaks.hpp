@@ -8,7 +8,8 @@ namespace pixfound {
 
 namespace py = pybind11;
 
-py::array_t<std::int64_t> topk_peaks(const py::array& maps, py::ssize_t k);
+// num_threads: at most this many threads (Python passes torch.get_num_threads()).
+py::array_t<std::int64_t> topk_peaks(const py::array& maps, py::ssize_t k, py::ssize_t num_threads);
 
 // Top-k peaks (x, y) of float32 maps [G, h, w] upsampled bicubically (align_corners=False, A = -0.75,
 // clamped borders) to a full_h x full_w grid, read in the window [top, top + out_h) x [left, left + out_w)

@@ -28,7 +28,6 @@ from pixfound.eval.records import read_jsonl
 from pixfound.grounding.select import rle_to_mask
 from stand_in_data import build_pixmmvp_root
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FAST = ["--kernel-backend", "reference", "--device", "cpu", "--max-new-tokens", "8"]
 
@@ -333,8 +332,12 @@ def test_missing_images_are_counted_and_listed_or_fatal(annotations_root, tmp_pa
 
 
 def test_python_dash_m_pixfound_help():
+    import pixfound
+
+    # The subprocess imports the package this session imports: the source tree, or an installed wheel.
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    package_parent = str(pathlib.Path(pixfound.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
     result = subprocess.run([sys.executable, "-m", "pixfound", "--help"], env=env, capture_output=True, timeout=120)
     assert result.returncode == 0, result.stderr.decode()
     text = result.stdout.decode()

@@ -152,6 +152,30 @@ def test_topk_peaks_half_precision_and_bad_input():
         ops.topk_peaks(np.zeros((1, 3, 6), dtype=np.float32)[:, :, ::2])
 
 
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_threaded_calls_give_the_single_thread_bits(threads):
+    """Calls large enough to split over threads (csrc/parallel.hpp) equal the one-thread result and
+    the references, whatever the thread count; a NaN in any map is still found."""
+    rng = np.random.default_rng(threads)
+    masks = random_masks(rng, 16, 512, 512)  # 4 MiB: up to 4 threads for packing
+    one = _C.pack_masks(masks, num_threads=1)
+    many = _C.pack_masks(masks, num_threads=threads)
+    for a, b in zip(one[:2], many[:2]):
+        assert np.array_equal(a, b)
+    words, areas = one[0], one[1]
+    iou_one = _C.packed_iou(words, areas, words, areas, 1.0, num_threads=1)
+    iou_many = _C.packed_iou(words, areas, words, areas, 1.0, num_threads=threads)
+    assert iou_one.tobytes() == iou_many.tobytes()
+    np.testing.assert_allclose(iou_many, ops.mask_iou_reference(masks, masks), rtol=0, atol=1e-6)
+    maps = rng.standard_normal((16, 256, 256)).astype(np.float32)  # 2^20 values: up to 4 threads
+    peaks = _C.topk_peaks(maps, 3, num_threads=threads)
+    assert np.array_equal(peaks, _C.topk_peaks(maps, 3, num_threads=1))
+    assert np.array_equal(peaks, ops.topk_peaks_reference(maps, 3))
+    maps[11, 7, 9] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        _C.topk_peaks(maps, 1, num_threads=threads)
+
+
 # ---------------------------------------------------------------------------------------------
 # local_peaks
 # ---------------------------------------------------------------------------------------------

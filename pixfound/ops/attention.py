@@ -65,7 +65,7 @@ def image_attention_op(
     """CPU kernel: the C++ core, all layers in one call, added in layer order into float32 ``[B, R, N]``.
 
     The C++ side checks every dtype and shape and clamps every index; large calls run on at most
-    ``torch.get_num_threads()`` OpenMP threads, and the result does not depend on their number.
+    ``torch.get_num_threads()`` threads of the core, and the result does not depend on their number.
     """
     from pixfound import _C
 

@@ -1,4 +1,5 @@
 """Mask IoU (bit-packed) and peaks of maps, on the host in the C++ core (``pixfound._C``).
+The C++ core runs on at most ``torch.get_num_threads()`` threads of its own (no OpenMP runtime).
 
 Each fast path has its plain NumPy/torch reference beside it; the tests compare the two.
 Convention: NumPy in → NumPy out; torch in → torch out.
@@ -79,7 +80,7 @@ class PackedMasks:
 def pack_masks(masks: ArrayLike) -> PackedMasks:
     """Bit-pack bool/uint8 masks [N, H, W] (nonzero = inside)."""
     arr, _ = _mask_view(masks, "masks")
-    words, areas, height, width = _C.pack_masks(arr)
+    words, areas, height, width = _C.pack_masks(arr, num_threads=torch.get_num_threads())
     return PackedMasks(words, areas, int(height), int(width))
 
 
@@ -87,7 +88,7 @@ def packed_iou(a: PackedMasks, b: PackedMasks, *, empty: float = 1.0) -> np.ndar
     """IoU float32 [N, M] between packed mask sets; a pair empty on both sides gets ``empty``."""
     if (a.height, a.width) != (b.height, b.width):
         raise ValueError(f"a and b must have the same H, W: a is {a.shape}, b is {b.shape}")
-    return _C.packed_iou(a.words, a.areas, b.words, b.areas, float(empty))
+    return _C.packed_iou(a.words, a.areas, b.words, b.areas, float(empty), num_threads=torch.get_num_threads())
 
 
 def mask_iou(a: ArrayLike, b: ArrayLike, *, empty: float = 1.0) -> ArrayLike:
@@ -135,7 +136,7 @@ def topk_peaks(maps: ArrayLike, k: int = 1) -> ArrayLike:
     arr, was_torch = _host_array(maps, "maps")
     if np.issubdtype(arr.dtype, np.floating) and arr.dtype not in (np.float32, np.float64):
         arr = arr.astype(np.float32)
-    out = _C.topk_peaks(arr, int(k))
+    out = _C.topk_peaks(arr, int(k), num_threads=torch.get_num_threads())
     return torch.from_numpy(out) if was_torch else out
 
 
