@@ -40,6 +40,22 @@ def one_line_error(err: str, code: int) -> None:
     assert len([line for line in err.splitlines() if "error:" in line]) == 1, err
 
 
+# `python -c KILLED_AT_SUMMARY ARGS` runs the command line and SIGKILLs itself just as it is about to
+# put summary.json in place: the moment a kill loses the most.
+KILLED_AT_SUMMARY = """
+import os, sys
+from pixfound.eval import records
+real = os.replace
+def replace(src, dst):
+    if str(dst).endswith("summary.json"):
+        os.kill(os.getpid(), 9)
+    return real(src, dst)
+records.os.replace = replace
+from pixfound import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 def _env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TRITON_INTERPRET="0")
 
@@ -88,18 +104,8 @@ def test_sigkill_during_score_then_a_plain_rerun(tmp_path):
     preds = tmp_path / "preds"
     preds.mkdir()
     Image.new("L", (96, 128), 255).save(preds / "s0-0.png")
-    killer = ("import os, sys\n"
-              "from pixfound.eval import records\n"
-              "real = os.replace\n"
-              "def replace(src, dst):\n"
-              "    if str(dst).endswith('summary.json'):\n"
-              "        os.kill(os.getpid(), 9)\n"
-              "    return real(src, dst)\n"
-              "records.os.replace = replace\n"
-              "from pixfound import cli\n"
-              "sys.exit(cli.main(sys.argv[1:]))\n")
     args = ["score", "--preds", str(preds), "--benchmark", "synthetic", "--output", str(tmp_path / "out")]
-    killed = subprocess.run([sys.executable, "-c", killer, *args], env=_env(), capture_output=True, timeout=300)
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_SUMMARY, *args], env=_env(), capture_output=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL
     assert not (tmp_path / "out" / "summary.json").exists()
     rerun = subprocess.run([sys.executable, "-m", "pixfound", *args], env=_env(), capture_output=True, timeout=300)
@@ -374,17 +380,7 @@ def test_a_failing_judge_falls_back_and_the_run_goes_on(tmp_path, failure):
 def test_sigkill_during_the_final_summary_then_resume(tmp_path):
     out_dir = tmp_path / "run"
     args = ["eval", "--limit", "4", "--protocol", "2", "--select", "oracle", "--output", str(out_dir), *FAST]
-    killer = ("import os, sys\n"
-              "from pixfound.eval import records\n"
-              "real = os.replace\n"
-              "def replace(src, dst):\n"
-              "    if str(dst).endswith('summary.json'):\n"
-              "        os.kill(os.getpid(), 9)\n"
-              "    return real(src, dst)\n"
-              "records.os.replace = replace\n"
-              "from pixfound import cli\n"
-              "sys.exit(cli.main(sys.argv[1:]))\n")
-    killed = subprocess.run([sys.executable, "-c", killer, *args], env=_env(), capture_output=True, timeout=300)
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_SUMMARY, *args], env=_env(), capture_output=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL
     assert not (out_dir / "summary.json").exists()
     assert len(read_jsonl(out_dir / "samples.jsonl", allow_partial_tail=False)[0]) == 4

@@ -1,13 +1,6 @@
-"""The evaluation harness: batches, shards, append-only per-sample records, resume, merge, summary.
+"""The evaluation harness: batches, shards, resume, merge, summary.
 
-Output folder of one run (``--output``)::
-
-    run.json        resolved configuration, versions and components (model, SAM, spaCy, judge)
-    samples.jsonl   one JSON record per (sample, protocol); appended and flushed as each finishes,
-                    rewritten sorted by (sample index, protocol) when the run completes
-    shards/         per-rank (torchrun) or per-job (``--shard I/N``) record files until merged
-    summary.json    everything needed to rebuild the tables (see :mod:`pixfound.eval.report`)
-    summary.md      the paper-style table; failure_bins.png, when.png/json beside it
+The files of a run folder are described in :mod:`pixfound.eval.records`.
 
 Records are keyed by ``"{sample_id}#p{protocol}"``. ``resume=True`` reads every record file of
 the folder, drops a half-written last line (a run killed mid-write), and computes only the keys
