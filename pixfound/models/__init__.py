@@ -43,6 +43,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "llava_next": ("llava_next", "LlavaNextForConditionalGeneration"),
     "qwen2_vl": ("qwen2_vl", "Qwen2VLForConditionalGeneration"),
     "qwen2_5_vl": ("qwen2_vl", "Qwen2_5_VLForConditionalGeneration"),
+    "qwen3_vl": ("qwen3_vl", "Qwen3VLForConditionalGeneration"),
 }
 # name accepted by load_model -> tiny family
 TINY_MODELS: dict[str, str] = {
@@ -50,6 +51,7 @@ TINY_MODELS: dict[str, str] = {
     "tiny-llava-next": "llava_next",
     "tiny-qwen2-vl": "qwen2_vl",
     "tiny-qwen2.5-vl": "qwen2_5_vl",
+    "tiny-qwen3-vl": "qwen3_vl",
 }
 # Checkpoints the adapters were written for (named in error messages).
 KNOWN_CHECKPOINTS = (
@@ -58,6 +60,7 @@ KNOWN_CHECKPOINTS = (
     "llava-hf/llava-v1.6-vicuna-7b-hf",
     "Qwen/Qwen2-VL-7B-Instruct",
     "Qwen/Qwen2.5-VL-7B-Instruct",
+    "Qwen/Qwen3-VL-8B-Instruct",
 )
 
 
@@ -74,6 +77,10 @@ def _adapter_class(family: str) -> type:
         from pixfound.models.qwen2_vl import Qwen2VLAdapter
 
         return Qwen2VLAdapter
+    if family == "qwen3_vl":
+        from pixfound.models.qwen2_vl import Qwen3VLAdapter
+
+        return Qwen3VLAdapter
     supported = sorted({f for f, _ in FAMILIES.values()})
     raise UserError(f"no adapter for model family {family!r}; supported: {supported}")
 

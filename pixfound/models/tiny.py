@@ -340,6 +340,10 @@ def tiny_qwen2_5_vl(seed: int = 0) -> Any:
     return _tiny_qwen(seed, version="2.5")
 
 
+_QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                        "<|image_pad|>", "<|video_pad|>"]
+
+
 def _tiny_qwen(seed: int, version: str) -> Any:
     import transformers
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
@@ -347,9 +351,7 @@ def _tiny_qwen(seed: int, version: str) -> Any:
 
     from pixfound.models.qwen2_vl import Qwen2VLAdapter
 
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-               "<|image_pad|>", "<|video_pad|>"]
-    tokenizer = build_word_tokenizer(special, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer = build_word_tokenizer(_QWEN_SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     vocab_size = len(tokenizer.get_vocab())
     text = _text_config_kwargs(vocab_size, tokenizer)
     text["bos_token_id"] = None
@@ -387,6 +389,55 @@ def _tiny_qwen(seed: int, version: str) -> Any:
     return Qwen2VLAdapter(model, processor, name=name)
 
 
+# Qwen3-VL's template adds no default system message.
+_QWEN3_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_qwen3_vl(seed: int = 0) -> Any:
+    """Tiny Qwen3-VL: 16 px patches merged 2x2 (32 px tokens), at most 48 tokens; DeepStack features added
+    after the first decoder layer; interleaved M-RoPE text with GQA."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    from pixfound.models.qwen2_vl import Qwen3VLAdapter
+
+    tokenizer = build_word_tokenizer(_QWEN_SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    text = _text_config_kwargs(len(tokenizer.get_vocab()), tokenizer)
+    text.update(bos_token_id=None, head_dim=16)
+    # Interleaved M-RoPE sections (temporal, height, width) sum to head_dim / 2 = 8.
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                               "mrope_interleaved": True}
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen3VLConfig(
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=text["hidden_size"],
+                           num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        text_config=text,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    pixels = dict(min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 48)
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(patch_size=16, merge_size=2, **pixels),
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(patch_size=16, merge_size=2),
+        chat_template=_QWEN3_TEMPLATE,
+    )
+    model = _build(Qwen3VLForConditionalGeneration, config, tokenizer, seed)
+    return Qwen3VLAdapter(model, processor, name="tiny-qwen3-vl")
+
+
 def _build(model_class: Any, config: Any, tokenizer: Any, seed: int) -> torch.nn.Module:
     generator = torch.Generator().manual_seed(int(seed))
     with torch.random.fork_rng(devices=[]):
@@ -401,4 +452,5 @@ TINY_BUILDERS: dict[str, Callable[[int], Any]] = {
     "llava_next": tiny_llava_next,
     "qwen2_vl": tiny_qwen2_vl,
     "qwen2_5_vl": tiny_qwen2_5_vl,
+    "qwen3_vl": tiny_qwen3_vl,
 }
