@@ -110,14 +110,15 @@ def build_word_tokenizer(
     return PreTrainedTokenizerFast(**kwargs)
 
 
-def _init_weights(model: torch.nn.Module, tokenizer: Any, generator: torch.Generator) -> None:
+def _init_weights(model: torch.nn.Module, tokenizer: Any, generator: torch.Generator,
+                  text_prefixes: tuple[str, ...] = ("model.language_model",)) -> None:
     """Redraw the weights: peaked attention, decisive LM head biased toward content words."""
     classes = _word_classes()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() < 2:
                 continue  # norms and biases keep their defaults
-            in_text = name.startswith("model.language_model")
+            in_text = name.startswith(text_prefixes)
             fan_in = param[0].numel()
             std = (_TEXT_GAIN if in_text else _VISION_GAIN) / fan_in**0.5
             param.copy_(torch.randn(param.shape, generator=generator) * std)
@@ -438,12 +439,93 @@ def tiny_qwen3_vl(seed: int = 0) -> Any:
     return Qwen3VLAdapter(model, processor, name="tiny-qwen3-vl")
 
 
-def _build(model_class: Any, config: Any, tokenizer: Any, seed: int) -> torch.nn.Module:
+_LLAMA3_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                          "<|eot_id|>", "<|reserved_special_token_0|>"]
+
+
+def _cambrian_tokenizer() -> Any:
+    """A word tokenizer with LLaMA-3's special tokens that, like LLaMA-3's, starts every encoding with BOS."""
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = build_word_tokenizer(_LLAMA3_SPECIAL_TOKENS, eos_token="<|eot_id|>", pad_token="<|end_of_text|>",
+                                     bos_token="<|begin_of_text|>")
+    bos = "<|begin_of_text|>"
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.convert_tokens_to_ids(bos))])
+    return tokenizer
+
+
+def tiny_cambrian(seed: int = 0) -> Any:
+    """Tiny Cambrian-1: four small towers of the published kinds (a SigLIP-style timm ViT with 7x7 tokens
+    resized to 6x6, CLIP with 6x6, DINOv2 with 7x7, a 4-stage timm ConvNeXt resized to 12x12), the
+    aggregator with 36 queries in 2x2 ConvNeXt windows, and two in-decoder aggregators (after layers 0
+    and 2) over a LLaMA text model with GQA. The image is a 6x6 grid, un-padded, a newline per row."""
+    from pixfound.models.cambrian import (
+        CambrianAdapter,
+        CambrianConfig,
+        CambrianForCausalLM,
+        CambrianProcessor,
+        IMAGE_TOKEN,
+        RELEASED_IMAGE_PLACEHOLDER,
+        llama3_conversation,
+    )
+
+    tokenizer = _cambrian_tokenizer()
+    openai_mean, openai_std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    towers = [
+        dict(kind="siglip", name="tiny-siglip", token_len=36, image_size=28, pad_mean=openai_mean,
+             mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), release="tiny/siglip", release_format="open_clip",
+             timm_kwargs=dict(img_size=28, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+                              class_token=False, global_pool="map", act_layer="gelu_tanh")),
+        dict(kind="clip", name="tiny-clip", token_len=36, image_size=24, pad_mean=openai_mean, mean=openai_mean,
+             std=openai_std, select_layer=-2, release="tiny/clip", release_format="transformers",
+             config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         image_size=24, patch_size=4, projection_dim=32)),
+        dict(kind="dinov2", name="tiny-dinov2", token_len=36, image_size=28, pad_mean=(0.485, 0.456, 0.406),
+             mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), release="tiny/dinov2",
+             release_format="transformers",
+             config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=28,
+                         patch_size=4, use_swiglu_ffn=True)),
+        dict(kind="convnext", name="tiny-convnext", token_len=144, image_size=48, pad_mean=openai_mean,
+             mean=openai_mean, std=openai_std, multi_stage=True, release="tiny/convnext", release_format="open_clip",
+             timm_kwargs=dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))),
+    ]
+    # The image starts after the system turn and the user header: where the in-decoder aggregators look.
+    before_image = llama3_conversation("x").split(IMAGE_TOKEN)[0]
+    text = _text_config_kwargs(len(tokenizer.get_vocab()), tokenizer)
+    config = CambrianConfig(
+        **text,
+        vision_tower_specs=towers,
+        mm_vision_tower_aux_token_len_list=[t["token_len"] for t in towers],
+        mm_projector_type="sva",
+        image_token_len=36,
+        num_query_group=1,
+        query_num_list=[36],
+        connector_depth=2,
+        vision_hidden_size=32,
+        connector_only=False,
+        num_of_vision_sampler_layers=2,
+        start_of_vision_sampler_layers=0,
+        stride_of_vision_sampler_layers=2,
+        image_position=len(tokenizer(before_image).input_ids),
+        image_aspect_ratio="pad",
+        image_placeholder=RELEASED_IMAGE_PLACEHOLDER,
+        image_token_index=tokenizer.convert_tokens_to_ids(RELEASED_IMAGE_PLACEHOLDER),
+    )
+    config._attn_implementation = "sdpa"
+    model = _build(CambrianForCausalLM, config, tokenizer, seed, text_prefixes=("model.embed_tokens", "model.layers",
+                                                                                 "model.norm", "lm_head"))
+    processor = CambrianProcessor(tokenizer, towers, image_token_len=36, image_placeholder=RELEASED_IMAGE_PLACEHOLDER)
+    return CambrianAdapter(model, processor, name="tiny-cambrian")
+
+
+def _build(model_class: Any, config: Any, tokenizer: Any, seed: int,
+           text_prefixes: tuple[str, ...] = ("model.language_model",)) -> torch.nn.Module:
     generator = torch.Generator().manual_seed(int(seed))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         model = model_class(config)
-    _init_weights(model, tokenizer, generator)
+    _init_weights(model, tokenizer, generator, text_prefixes)
     return _finish(model, tokenizer)
 
 
@@ -453,4 +535,6 @@ TINY_BUILDERS: dict[str, Callable[[int], Any]] = {
     "qwen2_vl": tiny_qwen2_vl,
     "qwen2_5_vl": tiny_qwen2_5_vl,
     "qwen3_vl": tiny_qwen3_vl,
+    "cambrian_llama": tiny_cambrian,
+    "cambrian": tiny_cambrian,
 }
