@@ -801,27 +801,21 @@ def _read_weights(folder: pathlib.Path, stem_names: Sequence[str]) -> dict[str, 
 
 
 def tower_state_dict(spec: Mapping[str, Any], folder: pathlib.Path) -> dict[str, torch.Tensor]:
-    """The tower's weights from its release, named as the tower module names them."""
-    if spec["release_format"] == "open_clip":  # the whole CLIP model; the tower is its visual trunk
+    """The tower's weights from its release, named as the tower module names them.
+
+    open_clip releases (SigLIP, ConvNeXt): the tower is the ``visual.trunk.*`` of the CLIP model's
+    weights. transformers releases (CLIP, DINOv2): loaded as the published code loads them
+    (``CLIPVisionModel`` / ``Dinov2Model.from_pretrained``), which also maps names that later
+    transformers versions changed.
+    """
+    if spec["release_format"] == "open_clip":
         state = _read_weights(folder, ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"])
         prefix = "visual.trunk."
         return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    state = _read_weights(folder, ["model.safetensors", "pytorch_model.bin"])
-    if spec["kind"] == "clip":  # a full CLIPModel checkpoint: the tower is its vision_model.*
-        state = {k: v for k, v in state.items() if k.startswith("vision_model.")}
-    return state
+    from transformers import CLIPVisionModel, Dinov2Model
 
-
-def _match_names(state: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
-    """``state`` with a leading ``vision_model.`` / ``dinov2.`` dropped where the module's names have none."""
-    own = set(module.state_dict())
-    matched = {}
-    for key, value in state.items():
-        for prefix in ("vision_model.", "dinov2."):
-            if key not in own and key.startswith(prefix) and key[len(prefix):] in own:
-                key = key[len(prefix):]
-        matched[key] = value
-    return matched
+    model_class = CLIPVisionModel if spec["kind"] == "clip" else Dinov2Model
+    return model_class.from_pretrained(str(folder), local_files_only=True).state_dict()
 
 
 def load_released_towers(model: CambrianForCausalLM, tower_paths: Optional[Mapping[str, Any]] = None, *,
@@ -834,13 +828,13 @@ def load_released_towers(model: CambrianForCausalLM, tower_paths: Optional[Mappi
     sources = dict(tower_paths or {})
     for tower in model.model.vision_tower_aux_list:
         folder = _release_folder(tower.spec, sources, local_only)
-        state = _match_names(tower_state_dict(tower.spec, folder), tower.vision_tower)
-        parameter = next(tower.vision_tower.parameters())
-        if parameter.device.type == "meta":
+        state = tower_state_dict(tower.spec, folder)
+        if next(tower.vision_tower.parameters()).device.type == "meta":
             tower.vision_tower.to_empty(device="cpu")
+        buffers = dict(tower.vision_tower.named_buffers())
         missing, unexpected = tower.vision_tower.load_state_dict(state, strict=False)
-        # Buffers the release does not store (e.g. position ids) are computed by the module itself.
-        missing = [k for k in missing if k not in dict(tower.vision_tower.named_buffers())]
+        # Buffers a release does not store (e.g. position ids) are computed by the module itself.
+        missing = [k for k in missing if k not in buffers]
         if missing or unexpected:
             raise ValueError(f"Cambrian tower {tower.spec['name']!r}: the weights in {folder} do not match the tower "
                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
