@@ -428,3 +428,26 @@ def test_llava_1_5_geometry_from_the_released_configuration(layers, hidden, head
         # The 24 x 24 grid covers the padded max(H, W) square: cell (0, 0) starts above/left of a non-square image.
         side = max(height, width)
         assert layout.geometry.grid_to_image(0, 0) == (-((side - height) // 2), -((side - width) // 2))
+
+
+def test_every_model_type_resolves_to_its_adapter():
+    from pixfound.models import KNOWN_CHECKPOINTS, _adapter_class
+
+    for model_type, (family, _) in FAMILIES.items():
+        assert _adapter_class(family).family == family, model_type
+    for checkpoint in ("llava-hf/llava-1.5-13b-hf", "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen3-VL-8B-Instruct",
+                       "nyu-visionx/cambrian-8b"):
+        assert checkpoint in KNOWN_CHECKPOINTS
+
+
+def test_a_saved_qwen3_vl_checkpoint_loads_as_qwen3_vl(tmp_path):
+    adapter = tiny_model("qwen3_vl")
+    adapter.model.save_pretrained(tmp_path)
+    adapter.processor.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), device="cpu")
+    assert type(loaded) is type(adapter) and loaded.family == "qwen3_vl"
+    sample = [make_sample(0, (84, 140))]
+    expected = adapter.generate(sample, ["the dog"], max_new_tokens=3, capture="fused")[0]
+    got = loaded.generate(sample, ["the dog"], max_new_tokens=3, capture="fused")[0]
+    assert got.token_ids == expected.token_ids
+    torch.testing.assert_close(got.maps, expected.maps, rtol=0, atol=1e-6)

@@ -31,7 +31,11 @@ Architecture (the released ``config.json`` values for Cambrian-8B in brackets)
   the hidden states of the image tokens (newlines kept) are the queries, the towers' un-padded
   windows the keys, and the result replaces them. The published code finds those tokens at the
   fixed position ``image_position`` [91] of the sequence; here the position is counted from each
-  row's first (non-padding) token, which is the same for a single unpadded prompt.
+  row's first (non-padding) token, which is the same for a single unpadded prompt. With a
+  tokenizer that adds BOS (LLaMA-3's does), the published prompt below starts with two BOS and its
+  image at position 92 (counted with LLaMA-3's tokenizer.model), so the published aggregators read
+  one token early: the header token before the image and all but the last image token. This is
+  reproduced as published, not corrected.
 
 Prompt
 ------
