@@ -295,3 +295,159 @@ def test_generate_runs_inside_the_generation_sdpa_backends(monkeypatch, llava):
     llava.generate([sample], ["what is it ?"], max_new_tokens=2, capture="fused")
     assert seen == [("cpu", True), ("cpu", False)]
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Qwen3-VL: the image-token layout
+# ------------------------------------------------------------------------------------------------
+def test_qwen3_vl_layout_and_deepstack_positions():
+    """16 px patches merged 2x2; DeepStack adds its features at exactly the image-token positions."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    adapter = tiny_model("qwen3_vl")
+    sizes = [(84, 140), (130, 70)]
+    images = [make_sample(i, size).load_image() for i, size in enumerate(sizes)]
+    batch = adapter.prepare(images, ["the cat", "what is on the left of the red table ?"])
+    ids = batch.inputs["input_ids"]
+    for row, (layout, (height, width)) in enumerate(zip(batch.layouts, sizes)):
+        resized_h, resized_w = smart_resize(height, width, factor=32, min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 48)
+        assert (layout.geometry.grid_h, layout.geometry.grid_w) == (resized_h // 32, resized_w // 32)
+        assert layout.geometry.fit == "resize"
+        span = ids[row, layout.span_start : layout.span_start + layout.span_len]
+        assert bool((span == adapter.image_token_id).all()) and layout.span_len == int(
+            (ids[row] == adapter.image_token_id).sum())
+    seen = []
+    language_model = adapter.model.model.language_model
+    original = language_model._deepstack_process
+
+    def record(hidden_states, visual_pos_masks, visual_embeds):
+        seen.append(visual_pos_masks.clone())
+        return original(hidden_states, visual_pos_masks, visual_embeds)
+
+    language_model._deepstack_process = record
+    try:
+        with torch.inference_mode():
+            adapter.model(**batch.inputs)
+    finally:
+        del language_model._deepstack_process
+    assert len(seen) == len(adapter.model.config.vision_config.deepstack_visual_indexes)
+    expected = torch.zeros_like(ids, dtype=torch.bool)
+    for row, layout in enumerate(batch.layouts):
+        expected[row, layout.span_start : layout.span_start + layout.span_len] = True
+    assert all(torch.equal(mask.cpu(), expected) for mask in seen)
+
+
+# ------------------------------------------------------------------------------------------------
+# native grounding (the published Qwen scripts' chat turn)
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def qwen25():
+    return tiny_model("qwen2_5_vl")
+
+
+def test_native_prompt_is_the_published_message_layout(qwen25):
+    text = qwen25.native_prompt("Point to the dog, output its coordinates in point-format as JSON")
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n"
+        "<|im_start|>user\nPoint to the dog, output its coordinates in point-format as JSON"
+        "<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n"
+    )
+    qwen3 = tiny_model("qwen3_vl")
+    assert qwen3.native_prompt("point to the dog") == (
+        "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\npoint to the dog"
+        "<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_native_chat_frames_and_batching(family, qwen25):
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    adapter = qwen25 if family == "qwen2_5_vl" else tiny_model(family)
+    sizes = [(84, 140), (100, 100), (131, 57)]
+    images = [make_sample(i, size).load_image() for i, size in enumerate(sizes)]
+    prompts = ["point to the dog", "locate the red car on the left of the table", "the cat"]
+    together = adapter.native_chat(images, prompts, max_new_tokens=4, batch_size=3)
+    alone = [adapter.native_chat([image], [prompt], max_new_tokens=4)[0] for image, prompt in zip(images, prompts)]
+    assert together == alone
+    lengths = {len(adapter.tokenizer(adapter.native_prompt(p)).input_ids) for p in prompts}
+    assert len(lengths) == 3  # the batch really was left padded
+    for reply, (height, width) in zip(together, sizes):
+        assert len(reply.text.split()) == 4 and all(word.isalpha() for word in reply.text.split())
+        if family == "qwen3_vl":
+            assert reply.frame_hw == (1000, 1000)
+        else:  # the processor's input in pixels: image_grid_thw x 14, as the published scripts compute it
+            assert reply.frame_hw == smart_resize(height, width, factor=28, min_pixels=28 * 28 * 4,
+                                                  max_pixels=28 * 28 * 48)
+    assert adapter.native_chat([], [], max_new_tokens=4) == []
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_native_chat_without_native_grounding_is_one_clear_line(family):
+    adapter = tiny_model(family)
+    with pytest.raises(UserError, match="no native grounding") as error:
+        adapter.native_chat([make_sample(0, (30, 50)).load_image()], ["point to the dog"], max_new_tokens=2)
+    assert "\n" not in str(error.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# LLaVA-1.5 7B and 13B: geometry from the checkpoint configuration (no weights)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layers, hidden, heads, intermediate", [(32, 4096, 32, 11008), (40, 5120, 40, 13824)])
+def test_llava_1_5_geometry_from_the_released_configuration(layers, hidden, heads, intermediate):
+    """llava-1.5-7b-hf / llava-1.5-13b-hf: Vicuna text model, CLIP ViT-L/14-336, 576 image tokens in 24 x 24."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from pixfound.models.llava import LlavaAdapter
+    from pixfound.models.tiny import llava_word_processor
+
+    processor = llava_word_processor(image_size=336, patch_size=14)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                       num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
+        text_config=LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                num_key_value_heads=heads, intermediate_size=intermediate, vocab_size=32064,
+                                pad_token_id=processor.tokenizer.pad_token_id),
+        image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=576,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    adapter = LlavaAdapter(model, processor, name="llava-1.5", system_prompt=None)
+    assert adapter.num_layers == layers and adapter.grid_side == 24
+    assert len(adapter.decoder.layers) == layers and adapter.decoder.layers[0].self_attn.q_proj.in_features == hidden
+    sizes = [(480, 640), (500, 333)]
+    batch = adapter.prepare([make_sample(i, s).load_image() for i, s in enumerate(sizes)],
+                            ["the cat", "what color is the dog on the left ?"])
+    assert batch.inputs["pixel_values"].shape == (2, 3, 336, 336)
+    for layout, (height, width) in zip(batch.layouts, sizes):
+        assert layout.span_len == 576 and torch.equal(layout.grid_index, torch.arange(576))
+        assert layout.geometry == ImageGeometry(24, 24, height, width, "pad")
+        # The 24 x 24 grid covers the padded max(H, W) square: cell (0, 0) starts above/left of a non-square image.
+        side = max(height, width)
+        assert layout.geometry.grid_to_image(0, 0) == (-((side - height) // 2), -((side - width) // 2))
+
+
+def test_every_model_type_resolves_to_its_adapter():
+    from pixfound.models import KNOWN_CHECKPOINTS, _adapter_class
+
+    for model_type, (family, _) in FAMILIES.items():
+        assert _adapter_class(family).family == family, model_type
+    for checkpoint in ("llava-hf/llava-1.5-13b-hf", "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen3-VL-8B-Instruct",
+                       "nyu-visionx/cambrian-8b"):
+        assert checkpoint in KNOWN_CHECKPOINTS
+
+
+def test_a_saved_qwen3_vl_checkpoint_loads_as_qwen3_vl(tmp_path):
+    adapter = tiny_model("qwen3_vl")
+    adapter.model.save_pretrained(tmp_path)
+    adapter.processor.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), device="cpu")
+    assert type(loaded) is type(adapter) and loaded.family == "qwen3_vl"
+    sample = [make_sample(0, (84, 140))]
+    expected = adapter.generate(sample, ["the dog"], max_new_tokens=3, capture="fused")[0]
+    got = loaded.generate(sample, ["the dog"], max_new_tokens=3, capture="fused")[0]
+    assert got.token_ids == expected.token_ids
+    torch.testing.assert_close(got.maps, expected.maps, rtol=0, atol=1e-6)

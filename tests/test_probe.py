@@ -30,6 +30,8 @@ IMAGE_SIZES = {
     "llava": [(30, 50), (64, 48), (40, 40)],
     "llava_next": [(30, 50), (64, 48), (40, 40)],
     "qwen2_vl": [(84, 140), (112, 84), (100, 100)],
+    "qwen3_vl": [(97, 150), (128, 75), (100, 100)],
+    "cambrian": [(30, 50), (64, 47), (40, 40)],
 }
 NEW_TOKENS = 5
 
@@ -46,7 +48,7 @@ def _reference_run(family: str):
     return adapter, samples, reference
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_vl"])
+@pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_vl", "qwen3_vl", "cambrian"])
 def family_run(request):
     """One tiny model per family, with its reference (eager) generation of the 3-sample batch."""
     return _reference_run(request.param)
@@ -193,7 +195,7 @@ def test_fused_forward_logits_bitwise_equal_to_sdpa():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the native Triton kernel)")
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl", "cambrian"])
 def test_fused_matches_reference_on_cuda(family):
     adapter = tiny_model(family)
     adapter.model.to("cuda")

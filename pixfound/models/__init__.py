@@ -1,9 +1,8 @@
 """MLLM adapters: load a checkpoint (or build a tiny random one) and get a family adapter.
 
 ``load_model(name_or_path)`` accepts a local checkpoint directory, a Hugging Face hub id that
-is in the local hub cache (or downloadable when online), or one of the tiny names
-``tiny-llava``, ``tiny-llava-next``, ``tiny-qwen2-vl``. The family comes from the checkpoint's
-``config.model_type``.
+is in the local hub cache (or downloadable when online), or one of the tiny names of
+:data:`TINY_MODELS`. The family comes from the checkpoint's ``config.model_type``.
 """
 from __future__ import annotations
 
@@ -43,6 +42,9 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "llava_next": ("llava_next", "LlavaNextForConditionalGeneration"),
     "qwen2_vl": ("qwen2_vl", "Qwen2VLForConditionalGeneration"),
     "qwen2_5_vl": ("qwen2_vl", "Qwen2_5_VLForConditionalGeneration"),
+    "qwen3_vl": ("qwen3_vl", "Qwen3VLForConditionalGeneration"),
+    # Not a transformers class: pixfound.models.cambrian builds it from the published architecture.
+    "cambrian_llama": ("cambrian", "CambrianForCausalLM"),
 }
 # name accepted by load_model -> tiny family
 TINY_MODELS: dict[str, str] = {
@@ -50,6 +52,8 @@ TINY_MODELS: dict[str, str] = {
     "tiny-llava-next": "llava_next",
     "tiny-qwen2-vl": "qwen2_vl",
     "tiny-qwen2.5-vl": "qwen2_5_vl",
+    "tiny-qwen3-vl": "qwen3_vl",
+    "tiny-cambrian": "cambrian_llama",
 }
 # Checkpoints the adapters were written for (named in error messages).
 KNOWN_CHECKPOINTS = (
@@ -58,6 +62,8 @@ KNOWN_CHECKPOINTS = (
     "llava-hf/llava-v1.6-vicuna-7b-hf",
     "Qwen/Qwen2-VL-7B-Instruct",
     "Qwen/Qwen2.5-VL-7B-Instruct",
+    "Qwen/Qwen3-VL-8B-Instruct",
+    "nyu-visionx/cambrian-8b",
 )
 
 
@@ -74,12 +80,21 @@ def _adapter_class(family: str) -> type:
         from pixfound.models.qwen2_vl import Qwen2VLAdapter
 
         return Qwen2VLAdapter
+    if family == "qwen3_vl":
+        from pixfound.models.qwen2_vl import Qwen3VLAdapter
+
+        return Qwen3VLAdapter
+    if family == "cambrian":
+        from pixfound.models.cambrian import CambrianAdapter
+
+        return CambrianAdapter
     supported = sorted({f for f, _ in FAMILIES.values()})
     raise UserError(f"no adapter for model family {family!r}; supported: {supported}")
 
 
 def tiny_model(family: str, seed: int = 0) -> VisionLanguageAdapter:
-    """A tiny random-weight model of ``family`` ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"), fp32 on CPU.
+    """A tiny random-weight model of ``family`` ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
+    "cambrian"; or a name of :data:`TINY_MODELS`), fp32 on CPU.
 
     Deterministic for a given ``seed``; built in code, nothing is downloaded.
     """
@@ -127,6 +142,10 @@ def _looks_like_path(name: str) -> bool:
 def _resolve(name_or_path: str) -> tuple[str, Any, bool]:
     """(where to load from, its config, local_files_only) with clear errors when it cannot be found."""
     from transformers import AutoConfig
+
+    from pixfound.models.cambrian import register_with_transformers
+
+    register_with_transformers()  # AutoConfig reads the model types that pixfound builds itself
 
     if _looks_like_path(name_or_path):
         path = pathlib.Path(name_or_path).expanduser()
@@ -177,7 +196,9 @@ def load_model(
             ``Qwen/Qwen2-VL-7B-Instruct``), or ``tiny-llava`` / ``tiny-llava-next`` / ``tiny-qwen2-vl``.
         device: default CUDA when available, else CPU.
         dtype: default bfloat16 on CUDA, float32 on CPU.
-        adapter_options: passed to the adapter (e.g. ``system_prompt``, ``pad_to_square`` for LLaVA).
+        adapter_options: passed to the adapter (e.g. ``system_prompt``, ``pad_to_square`` for LLaVA);
+            for Cambrian, ``tower_paths`` maps a tower (``siglip``, ``clip``, ``dinov2``, ``convnext``, or its
+            published name) to the folder of its released weights (default: the Hugging Face cache).
 
     Raises:
         FileNotFoundError: the checkpoint is neither local nor in the cache (and cannot be downloaded).
@@ -202,10 +223,17 @@ def load_model(
     family, class_name = FAMILIES[model_type]
     import transformers
 
-    model_class = getattr(transformers, class_name)
     if dtype is None:
         dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
-    model = model_class.from_pretrained(where, dtype=dtype, attn_implementation="sdpa", local_files_only=local_only)
-    processor = transformers.AutoProcessor.from_pretrained(where, local_files_only=local_only)
+    if family == "cambrian":
+        from pixfound.models.cambrian import load_cambrian
+
+        model, processor = load_cambrian(where, dtype=dtype, local_only=local_only,
+                                         tower_paths=adapter_options.pop("tower_paths", None))
+    else:
+        model_class = getattr(transformers, class_name)
+        model = model_class.from_pretrained(where, dtype=dtype, attn_implementation="sdpa",
+                                            local_files_only=local_only)
+        processor = transformers.AutoProcessor.from_pretrained(where, local_files_only=local_only)
     model.to(target)
     return _adapter_class(family)(model, processor, name=name_or_path, **adapter_options)

@@ -41,10 +41,16 @@ class ImageGeometry:
     image_h: int
     image_w: int
     fit: FitMode
+    # The fit that the published script's upsampling assumes, where it differs from ``fit``. The
+    # published Cambrian script upsamples its un-padded grid as if it covered the padded square
+    # ("pad"), although it covers the image ("resize"); None where the published script agrees.
+    published_fit: Optional[FitMode] = None
 
     def __post_init__(self) -> None:
-        if self.fit not in _FIT_MODES:
-            raise ValueError(f"ImageGeometry.fit must be one of {_FIT_MODES}, got {self.fit!r}")
+        for name in ("fit", "published_fit"):
+            value = getattr(self, name)
+            if value not in _FIT_MODES and not (name == "published_fit" and value is None):
+                raise ValueError(f"ImageGeometry.{name} must be one of {_FIT_MODES}, got {value!r}")
         for name in ("grid_h", "grid_w", "image_h", "image_w"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -92,8 +98,12 @@ class Generation:
 
 @dataclasses.dataclass(frozen=True)
 class NativeReply:
-    """One answer of ``adapter.native_chat``: the text, and the (height, width) frame in which the
-    model writes coordinates (its processor's input size, or its normalised range)."""
+    """A model's own answer to a grounding prompt (``adapter.native_chat``), and the frame its
+    coordinates are written in.
+
+    ``frame_hw`` is the (height, width) that the model's coordinates refer to: a coordinate ``x``
+    maps to ``x / frame_w * image_w`` pixels of the original image.
+    """
 
     text: str
     frame_hw: tuple[int, int]
@@ -271,6 +281,8 @@ class VisionLanguageAdapter(abc.ABC):
     # Whether generate(..., prefixes=...) can reuse a per-image prefix cache. Needs plain 1D
     # positions counted from the attention mask (Qwen2-VL's 3D rope positions do not fit).
     shares_image_prefix: bool = True
+    # Whether the model writes its own points and boxes (``native_chat``; ``--grounding points|boxes``).
+    writes_coordinates: bool = False
 
     def __init__(self, model: torch.nn.Module, processor: Any, *, name: str) -> None:
         self.model = model.eval()
@@ -348,11 +360,22 @@ class VisionLanguageAdapter(abc.ABC):
                     f"sequence of {input_ids.shape[1]} tokens"
                 )
             layouts.append(layout)
-        device = self.device
-        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-        if "pixel_values" in moved and moved["pixel_values"].is_floating_point():
-            moved["pixel_values"] = moved["pixel_values"].to(self.dtype)
-        return PreparedBatch(inputs=moved, layouts=layouts, prompt_texts=texts)
+        return PreparedBatch(inputs=self._on_device(inputs), layouts=layouts, prompt_texts=texts)
+
+    def _on_device(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Processor outputs on the model's device; floating pixel values (one tensor, or one per vision
+        tower) in the model's dtype."""
+        device, dtype = self.device, self.dtype
+
+        def move(value: Any, is_pixels: bool) -> Any:
+            if isinstance(value, torch.Tensor):
+                value = value.to(device)
+                return value.to(dtype) if is_pixels and value.is_floating_point() else value
+            if is_pixels and isinstance(value, (list, tuple)):
+                return type(value)(move(v, True) for v in value)
+            return value
+
+        return {k: move(v, k == "pixel_values") for k, v in inputs.items()}
 
     # -- shared image prefix ----------------------------------------------------------------------
     def encode_image_prefixes(self, samples: Sequence[Any]) -> list[ImagePrefix]:
@@ -717,19 +740,31 @@ class VisionLanguageAdapter(abc.ABC):
         has_images = bool(with_image) and with_image[0]
         texts = [self.format_prompt(p, with_image=has_images) for p in prompts]
         inputs = self._encode(list(images) if has_images else None, texts)
-        device = self.device
-        inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         kwargs = self._generation_kwargs(max_new_tokens, do_sample, temperature, None)
+        return self._answers(inputs, kwargs)
+
+    def _answers(self, inputs: dict[str, Any], generation_kwargs: dict, *,
+                 clean_up_tokenization_spaces: Optional[bool] = None) -> list[str]:
+        """Generate (SDPA, no capture) from processor outputs; each row's text up to its stop token."""
+        inputs = self._on_device(inputs)
         with torch.inference_mode(), self.text_attention("sdpa"):
-            sequences = self.model.generate(**inputs, **kwargs)
+            sequences = self.model.generate(**inputs, **generation_kwargs)
         prompt_len = inputs["input_ids"].shape[1]
         stop_ids = self.stop_token_ids
-        answers = []
-        for row in sequences[:, prompt_len:].cpu().tolist():
-            answers.append(self.tokenizer.decode(row[: first_stop_index(row, stop_ids)], skip_special_tokens=True))
-        return answers
+        decode_options = {} if clean_up_tokenization_spaces is None else {
+            "clean_up_tokenization_spaces": clean_up_tokenization_spaces}
+        return [self.tokenizer.decode(row[: first_stop_index(row, stop_ids)], skip_special_tokens=True,
+                                      **decode_options)
+                for row in sequences[:, prompt_len:].cpu().tolist()]
+
+    def native_chat(self, images: Sequence[Any], prompts: Sequence[str], *, max_new_tokens: int,
+                    batch_size: int = 8) -> list["NativeReply"]:
+        """One greedy chat turn per (PIL image, prompt) in the layout of the published grounding scripts,
+        with the frame the reply's coordinates refer to. Only families that write coordinates have it."""
+        from pixfound.errors import UserError
+
+        raise UserError(f"{self.name} ({self.family}) has no native grounding: it does not write coordinates; "
+                        "use a Qwen2.5-VL or Qwen3-VL model")
 
     def __repr__(self) -> str:
         return (

@@ -110,14 +110,15 @@ def build_word_tokenizer(
     return PreTrainedTokenizerFast(**kwargs)
 
 
-def _init_weights(model: torch.nn.Module, tokenizer: Any, generator: torch.Generator) -> None:
+def _init_weights(model: torch.nn.Module, tokenizer: Any, generator: torch.Generator,
+                  text_prefixes: tuple[str, ...] = ("model.language_model",)) -> None:
     """Redraw the weights: peaked attention, decisive LM head biased toward content words."""
     classes = _word_classes()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() < 2:
                 continue  # norms and biases keep their defaults
-            in_text = name.startswith("model.language_model")
+            in_text = name.startswith(text_prefixes)
             fan_in = param[0].numel()
             std = (_TEXT_GAIN if in_text else _VISION_GAIN) / fan_in**0.5
             param.copy_(torch.randn(param.shape, generator=generator) * std)
@@ -340,6 +341,10 @@ def tiny_qwen2_5_vl(seed: int = 0) -> Any:
     return _tiny_qwen(seed, version="2.5")
 
 
+_QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                        "<|image_pad|>", "<|video_pad|>"]
+
+
 def _tiny_qwen(seed: int, version: str) -> Any:
     import transformers
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
@@ -347,9 +352,7 @@ def _tiny_qwen(seed: int, version: str) -> Any:
 
     from pixfound.models.qwen2_vl import Qwen2VLAdapter
 
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-               "<|image_pad|>", "<|video_pad|>"]
-    tokenizer = build_word_tokenizer(special, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer = build_word_tokenizer(_QWEN_SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     vocab_size = len(tokenizer.get_vocab())
     text = _text_config_kwargs(vocab_size, tokenizer)
     text["bos_token_id"] = None
@@ -387,12 +390,142 @@ def _tiny_qwen(seed: int, version: str) -> Any:
     return Qwen2VLAdapter(model, processor, name=name)
 
 
-def _build(model_class: Any, config: Any, tokenizer: Any, seed: int) -> torch.nn.Module:
+# Qwen3-VL's template adds no default system message.
+_QWEN3_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_qwen3_vl(seed: int = 0) -> Any:
+    """Tiny Qwen3-VL: 16 px patches merged 2x2 (32 px tokens), at most 48 tokens; DeepStack features added
+    after the first decoder layer; interleaved M-RoPE text with GQA."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    from pixfound.models.qwen2_vl import Qwen3VLAdapter
+
+    tokenizer = build_word_tokenizer(_QWEN_SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    text = _text_config_kwargs(len(tokenizer.get_vocab()), tokenizer)
+    text.update(bos_token_id=None, head_dim=16)
+    # Interleaved M-RoPE sections (temporal, height, width) sum to head_dim / 2 = 8.
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                               "mrope_interleaved": True}
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen3VLConfig(
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=text["hidden_size"],
+                           num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        text_config=text,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    pixels = dict(min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 48)
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(patch_size=16, merge_size=2, **pixels),
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(patch_size=16, merge_size=2),
+        chat_template=_QWEN3_TEMPLATE,
+    )
+    model = _build(Qwen3VLForConditionalGeneration, config, tokenizer, seed)
+    return Qwen3VLAdapter(model, processor, name="tiny-qwen3-vl")
+
+
+_LLAMA3_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                          "<|eot_id|>", "<|reserved_special_token_0|>"]
+
+
+def _cambrian_tokenizer() -> Any:
+    """A word tokenizer with LLaMA-3's special tokens that, like LLaMA-3's, starts every encoding with BOS."""
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = build_word_tokenizer(_LLAMA3_SPECIAL_TOKENS, eos_token="<|eot_id|>", pad_token="<|end_of_text|>",
+                                     bos_token="<|begin_of_text|>")
+    bos = "<|begin_of_text|>"
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.convert_tokens_to_ids(bos))])
+    return tokenizer
+
+
+def tiny_cambrian(seed: int = 0) -> Any:
+    """Tiny Cambrian-1: four small towers of the published kinds (a SigLIP-style timm ViT with 7x7 tokens
+    resized to 6x6, CLIP with 6x6, DINOv2 with 7x7, a 4-stage timm ConvNeXt resized to 12x12), the
+    aggregator with 36 queries in 2x2 ConvNeXt windows, and two in-decoder aggregators (after layers 0
+    and 2) over a LLaMA text model with GQA. The image is a 6x6 grid, un-padded, a newline per row."""
+    from pixfound.models.cambrian import (
+        CambrianAdapter,
+        CambrianConfig,
+        CambrianForCausalLM,
+        CambrianProcessor,
+        IMAGE_TOKEN,
+        RELEASED_IMAGE_PLACEHOLDER,
+        llama3_conversation,
+    )
+
+    tokenizer = _cambrian_tokenizer()
+    openai_mean, openai_std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    towers = [
+        dict(kind="siglip", name="tiny-siglip", token_len=36, image_size=28, pad_mean=openai_mean,
+             mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), release="tiny/siglip", release_format="open_clip",
+             timm_kwargs=dict(img_size=28, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+                              class_token=False, global_pool="map", act_layer="gelu_tanh")),
+        dict(kind="clip", name="tiny-clip", token_len=36, image_size=24, pad_mean=openai_mean, mean=openai_mean,
+             std=openai_std, select_layer=-2, release="tiny/clip", release_format="transformers",
+             config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         image_size=24, patch_size=4, projection_dim=32)),
+        dict(kind="dinov2", name="tiny-dinov2", token_len=36, image_size=28, pad_mean=(0.485, 0.456, 0.406),
+             mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), release="tiny/dinov2",
+             release_format="transformers",
+             config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=28,
+                         patch_size=4, use_swiglu_ffn=True)),
+        dict(kind="convnext", name="tiny-convnext", token_len=144, image_size=48, pad_mean=openai_mean,
+             mean=openai_mean, std=openai_std, multi_stage=True, release="tiny/convnext", release_format="open_clip",
+             timm_kwargs=dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))),
+    ]
+    # The image starts after the system turn and the user header: where the in-decoder aggregators look.
+    before_image = llama3_conversation("x").split(IMAGE_TOKEN)[0]
+    text = _text_config_kwargs(len(tokenizer.get_vocab()), tokenizer)
+    config = CambrianConfig(
+        **text,
+        vision_tower_specs=towers,
+        mm_vision_tower_aux_token_len_list=[t["token_len"] for t in towers],
+        mm_projector_type="sva",
+        image_token_len=36,
+        num_query_group=1,
+        query_num_list=[36],
+        connector_depth=2,
+        vision_hidden_size=32,
+        connector_only=False,
+        num_of_vision_sampler_layers=2,
+        start_of_vision_sampler_layers=0,
+        stride_of_vision_sampler_layers=2,
+        image_position=len(tokenizer(before_image).input_ids),
+        image_aspect_ratio="pad",
+        image_placeholder=RELEASED_IMAGE_PLACEHOLDER,
+        image_token_index=tokenizer.convert_tokens_to_ids(RELEASED_IMAGE_PLACEHOLDER),
+    )
+    config._attn_implementation = "sdpa"
+    model = _build(CambrianForCausalLM, config, tokenizer, seed, text_prefixes=("model.embed_tokens", "model.layers",
+                                                                                 "model.norm", "lm_head"))
+    processor = CambrianProcessor(tokenizer, towers, image_token_len=36, image_placeholder=RELEASED_IMAGE_PLACEHOLDER)
+    return CambrianAdapter(model, processor, name="tiny-cambrian")
+
+
+def _build(model_class: Any, config: Any, tokenizer: Any, seed: int,
+           text_prefixes: tuple[str, ...] = ("model.language_model",)) -> torch.nn.Module:
     generator = torch.Generator().manual_seed(int(seed))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         model = model_class(config)
-    _init_weights(model, tokenizer, generator)
+    _init_weights(model, tokenizer, generator, text_prefixes)
     return _finish(model, tokenizer)
 
 
@@ -401,4 +534,7 @@ TINY_BUILDERS: dict[str, Callable[[int], Any]] = {
     "llava_next": tiny_llava_next,
     "qwen2_vl": tiny_qwen2_vl,
     "qwen2_5_vl": tiny_qwen2_5_vl,
+    "qwen3_vl": tiny_qwen3_vl,
+    "cambrian_llama": tiny_cambrian,
+    "cambrian": tiny_cambrian,
 }
