@@ -382,3 +382,23 @@ def test_prefix_sharing_and_cpp_backend_flags_reach_the_config():
         dataclasses.replace(config, kv_cache="static").validate()
     with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "--kernel-backend", "cuda"])
+
+
+@pytest.mark.parametrize("args, select", [
+    (["--model", "tiny-cambrian"], "oracle"),
+    (["--model", "tiny-qwen3-vl"], "oracle"),
+    (["--model", "tiny-qwen2.5-vl", "--grounding", "points"], "oracle"),
+    (["--model", "tiny-qwen3-vl", "--grounding", "boxes"], "model"),
+    (["--model", "tiny-cambrian", "--grounding", "baseline"], "model"),
+])
+def test_every_family_and_grounding_mode_runs_offline(args, select, tmp_path, capsys):
+    code, out, err = run_cli(["-q", "eval", *args, "--limit", "2", "--kernel-backend", "cpp", "--device", "cpu",
+                              "--max-new-tokens", "6", "--output", tmp_path / "run"], capsys)
+    assert code == 0, err
+    records = read_jsonl(tmp_path / "run" / "samples.jsonl")[0]
+    grounded = [r for r in records if r.get("grounding")]
+    assert grounded and all(select in r["grounding"]["selections"] for r in grounded)
+    native = "--grounding" in args
+    assert all(bool(r["grounding"].get("native")) == native for r in grounded)
+    assert {r["protocol"] for r in grounded} == ({3} if native else {1, 3})
+    assert out.splitlines()[2].split()[2] == select
