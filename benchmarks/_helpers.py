@@ -223,13 +223,13 @@ class PeakMemory:
 
 
 def capture_memory_points(size: str, mode: str, points: Sequence[Sequence[int]], new_tokens: int,
-                          device: str = "cpu", dtype: str = "float32") -> list[dict]:
+                          device: str = "cpu", dtype: str = "float32", adapter: Any = None) -> list[dict]:
     """Peak memory of one ``generate`` per (batch, extra prompt tokens) point, in this process.
 
     On the CPU run it in a fresh process per mode (``capture_memory_in_subprocess``): peak RSS
-    only means something for what ran in that process.
+    only means something for what ran in that process. ``adapter``: a model of ``size`` already built.
     """
-    adapter = build_llava(size, device=device, dtype=dtype)
+    adapter = adapter or build_llava(size, device=device, dtype=dtype)
     samples = synthetic_samples(max(batch for batch, _ in points), CAPTURE_IMAGE_HW)
     run_generate(adapter, mode, samples[:1], 2)  # first-call allocations stay out of every point
     rows = []

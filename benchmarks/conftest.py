@@ -1,9 +1,9 @@
-"""Benchmark sessions: offline models, and each variant's time as a ratio to its group's reference and limit.
+"""Benchmark runs: offline models, and each variant's time as a ratio to its group's reference and limit.
 
 A benchmark names its variant's role with the ``record_ratio`` fixture: ``fast`` (pixfound's
-path), ``reference`` (the plain version beside the op) or ``limit`` (what cannot be beaten, e.g.
-generation without capture). After the pytest-benchmark tables, the session prints every
-variant's median over its group's reference and limit, all measured in this run.
+path), ``reference`` (the plain version beside the op), ``limit`` (what cannot be beaten, e.g.
+generation without capture) or ``other``. After the pytest-benchmark tables, pytest prints every
+variant's median over its group's reference and limit, all measured in the same run.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ The same synthetic samples and the same random-weight models go through each pip
 * ``reference`` / ``fused``: pixfound's ``GroundingPipeline`` run by ``compute_records`` in
   batches, records written as JSONL, with the reference or the fused capture;
 * ``plain``: ``adapter.generate`` without capture on the same prompts and batches: the limit of
-  the generate stage;
+  the generate stage. Every pipeline loads each image once, as I/O, so generate times the model;
 * ``fused+sam-bf16`` and ``fused+overlap``: the fused pipeline with SAM under bf16 autocast, or
   grounding each batch in a second thread beside the next ``generate``.
 
@@ -170,6 +170,18 @@ class Run:
         return self.images / self.wall_s
 
 
+class LoadedSample:
+    """What ``adapter.generate`` needs of a sample, its image loaded once (and timed as I/O), as the
+    pixfound pipeline does it: the generate stage then times the model alone in every pipeline."""
+
+    def __init__(self, sample: Any) -> None:
+        self.id = sample.id
+        self.image = sample.load_image()
+
+    def load_image(self) -> Any:
+        return self.image
+
+
 class StageClock:
     """Seconds per stage: ``with clock("phrases"): ...``."""
 
@@ -218,10 +230,10 @@ def run_published(samples: Sequence[Any], settings: Settings, components: Compon
                 if protocol not in applicable_protocols(sample, settings.protocols):
                     continue
                 with clock("io"):
-                    image = sample.load_image()
+                    loaded = LoadedSample(sample)
                     truth = np.asarray(sample.gt_mask, dtype=bool)
                 with clock("generate", synchronize_device=True):
-                    (generation,) = adapter.generate([sample], [build_prompt(sample, protocol)],
+                    (generation,) = adapter.generate([loaded], [build_prompt(sample, protocol)],
                                                      max_new_tokens=settings.max_new_tokens, capture="reference",
                                                      batch_size=1, kv_cache="dynamic")
                 clock.seconds["capture"] += generation.timings.get("capture_s") or 0.0
@@ -236,7 +248,7 @@ def run_published(samples: Sequence[Any], settings: Settings, components: Compon
                 candidates, scores = [], []
                 if phrases:
                     with clock("sam_encoder", synchronize_device=True):
-                        predictor.set_image(np.asarray(image))
+                        predictor.set_image(np.asarray(loaded.image))
                     with clock("sam_decoder", synchronize_device=True):
                         for x, y in points:
                             masks, mask_scores, _ = predictor.predict(
@@ -339,16 +351,19 @@ def run_plain(samples: Sequence[Any], settings: Settings, components: Components
     started = time.perf_counter()
     for begin in range(0, len(samples), settings.batch_size):
         batch = list(samples[begin:begin + settings.batch_size])
+        with clock("io"):
+            loaded = {str(s.id): LoadedSample(s) for s in batch}
         prefixes = {}
         if settings.share_image_prefix:
             with clock("generate"):
-                prefixes = {prefix.sample_id: prefix for prefix in adapter.encode_image_prefixes(batch)}
+                prefixes = {prefix.sample_id: prefix for prefix in adapter.encode_image_prefixes(list(loaded.values()))}
         for protocol in sorted(settings.protocols):
             todo = [s for s in batch if protocol in applicable_protocols(s, settings.protocols)]
             if not todo:
                 continue
+            prompts = [build_prompt(s, protocol) for s in todo]
             with clock("generate", synchronize_device=True):
-                generations = adapter.generate(todo, [build_prompt(s, protocol) for s in todo],
+                generations = adapter.generate([loaded[str(s.id)] for s in todo], prompts,
                                                max_new_tokens=settings.max_new_tokens, capture=None,
                                                batch_size=len(todo), kv_cache=settings.kv_cache,
                                                prefixes=[prefixes[str(s.id)] for s in todo] if prefixes else None)
