@@ -1,7 +1,9 @@
 """One GPU run: the native kernel tests, then the capture, upsample + peak and end-to-end comparisons.
 
 Made to finish in under ten minutes on one H100 or H200 (``--budget-s``), and to run on the CPU
-with ``--device cpu --small`` in about half a minute (what tests/test_gpu_bench.py runs). Each
+with ``--device cpu --small`` in about half a minute (what tests/test_gpu_bench.py runs);
+``--size``, ``--batches``, ``--new-tokens`` and ``--rounds`` set the capture comparison by hand,
+e.g. on the CPU ``--device cpu --sections capture --size medium --batches 4 --rounds 3``. Each
 section has a share of the budget, stops starting new points when it is spent, catches its own
 errors and prints its table when done; the JSON and Markdown outputs are rewritten after every
 section, so a run cut short still leaves its numbers.
@@ -505,6 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=pathlib.Path, default=None,
                         help="folder for gpu_bench.json, gpu_bench.md and kernel_tests.log")
     parser.add_argument("--commit", default=None, help="the commit measured, where the tree has no .git")
+    # Other settings of the capture comparison, e.g. on the CPU: --size medium --batches 4 --rounds 3
+    parser.add_argument("--size", choices=sorted(LLAVA_SIZES), default=None, help="the random LLaVA's size")
+    parser.add_argument("--batches", type=lambda text: tuple(int(b) for b in text.split(",")), default=None,
+                        help="capture batch sizes, e.g. 1,8,32")
+    parser.add_argument("--new-tokens", type=int, default=None, help="new tokens per capture run")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved capture rounds")
     return parser
 
 
@@ -525,6 +533,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
     sizes = sizes_for(device, args.small)
+    chosen = dict(size=args.size, batches=args.batches, new_tokens=args.new_tokens, rounds=args.rounds)
+    sizes = dataclasses.replace(sizes, **{name: value for name, value in chosen.items() if value is not None})
     results: dict[str, Any] = dict(meta=environment(device, args.commit), sizes=dataclasses.asdict(sizes), sections={})
     ctx = Context(device=device, sizes=sizes, results=results, out=args.out)
     log(format_environment(results["meta"]))
