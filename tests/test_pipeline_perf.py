@@ -6,10 +6,17 @@
 - Masks: ``masks_to_rle`` equals ``mask_to_rle`` mask by mask.
 - The pipeline: its batch path equals the one-sample path, and a ``--fused`` run gives the same
   answers, points and masks as a ``--reference`` run (fp32, CPU).
+- The end-to-end benchmark (``benchmarks/e2e.py``, small, on the CPU): it runs against the installed
+  package from any folder, compares every pipeline and finds the fused records equal to the reference's.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -347,3 +354,45 @@ def test_sam_dtype_setting_is_validated():
     assert EvalConfig(sam_dtype="bfloat16").sam_dtype == "bfloat16"
     with pytest.raises(ValueError, match="sam_dtype"):
         EvalConfig(sam_dtype="fp8")
+
+
+# ---------------------------------------------------------------------------------------------
+# The end-to-end benchmark script
+# ---------------------------------------------------------------------------------------------
+
+E2E_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "e2e.py"
+SMALL_E2E = ["--samples", "2", "--batch-size", "2", "--max-new-tokens", "4", "--protocols", "3", "--selects", "oracle",
+             "--rounds", "1"]
+
+
+def _run_e2e(tmp_path, *arguments: str) -> dict:
+    """benchmarks/e2e.py from a folder outside the checkout: it must find the installed pixfound by itself."""
+    out = tmp_path / "e2e.json"
+    done = subprocess.run([sys.executable, str(E2E_SCRIPT), *SMALL_E2E, *arguments, "--json", str(out)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=""))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_end_to_end_script_compares_every_pipeline_and_finds_fused_equal_to_reference(tmp_path):
+    import pixfound
+
+    result = _run_e2e(tmp_path)
+    assert result["pixfound_path"] == str(pathlib.Path(pixfound.__file__).parent)
+    rows = {row["pipeline"]: row for row in result["rows"]}
+    assert list(rows) == ["published", "reference", "fused", "plain"]
+    for name, row in rows.items():
+        assert row["images"] == 2 and row["images_per_s"] > 0 and row["x_published"] > 0
+        assert row["batch_size"] == (1 if name == "published" else 2)
+        assert row["stages"]["generate"] > 0 and row["peak_bytes"] > 0
+    assert rows["fused"]["fused_vs_reference"]["identical"] is True  # fp32 on the CPU
+    assert rows["fused"]["fused_vs_reference"]["grounded"] == 2
+    assert rows["fused"]["fused_vs_published"]["answers_equal"] == 2
+    assert rows["plain"]["generate_vs_plain"] == 1.0
+
+
+def test_end_to_end_script_measures_a_pipeline_in_a_process_of_its_own(tmp_path):
+    result = _run_e2e(tmp_path, "--pipelines", "fused+overlap", "--isolate")
+    (row,) = result["rows"]
+    assert row["pipeline"] == "fused+overlap" and row["settings"]["overlap"] is True
+    assert row["images_per_s"] > 0 and row["peak_bytes"] > 0

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Without a GPU: run the whole test suite on the GPU image's Python stack (torch 2.11, Triton 3.6,
-# transformers 5.17), then compile every kernel for sm_90 with Triton 3.6's own ptxas. It catches
-# API drift between what CI tests (torch 2.14, Triton 3.8, the newest transformers) and what the
-# lent machine runs, before any device time is spent.
+# transformers 5.17), then compile every kernel for sm_90 with Triton 3.6's own ptxas. CI tests newer
+# versions (torch 2.14, Triton 3.8, the newest transformers); this catches API drift between the two
+# before a GPU run.
 #
 #   benchmarks/gpu/device_stack_check.sh        # the committed HEAD, in a throwaway clone
 #
