@@ -170,8 +170,8 @@ _LLAVA_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
-_QWEN_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+# The turns of the Qwen chat templates (text and images in the order given).
+_QWEN_TURNS = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for content in message['content'] %}"
@@ -179,6 +179,11 @@ _QWEN_TEMPLATE = (
     "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Qwen2-VL and Qwen2.5-VL add a default system message.
+_QWEN_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    + _QWEN_TURNS
 )
 
 # Vision tower of the LLaVA family: 40 px images in 8 px patches -> a 5x5 grid (+ CLS, dropped).
@@ -391,15 +396,7 @@ def _tiny_qwen(seed: int, version: str) -> Any:
 
 
 # Qwen3-VL's template adds no default system message.
-_QWEN3_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+_QWEN3_TEMPLATE = _QWEN_TURNS
 
 
 def tiny_qwen3_vl(seed: int = 0) -> Any:
