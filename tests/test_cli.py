@@ -334,7 +334,7 @@ def test_missing_images_are_counted_and_listed_or_fatal(annotations_root, tmp_pa
 def test_python_dash_m_pixfound_help():
     import pixfound
 
-    # The subprocess imports the package this session imports: the source tree, or an installed wheel.
+    # The subprocess imports the package these tests import: the source tree, or an installed wheel.
     env = dict(os.environ)
     package_parent = str(pathlib.Path(pixfound.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
